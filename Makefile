@@ -1,0 +1,36 @@
+# Two commands: `make run` (the demo pipeline: dvc repro) and `make test` (the whole suite).
+# Each creates .venv when missing or stale (keyed on pyproject.toml) and installs the package with dev extras.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+export NO_ALBUMENTATIONS_UPDATE = 1
+export DVC_NO_ANALYTICS = 1
+export RAY_USAGE_STATS_ENABLED = 0
+export PYTHONUNBUFFERED = 1
+
+.PHONY: run test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	@if [ -d $(VENV) ] && [ ! -x $(PY) ]; then rm -rf $(VENV); fi
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed-*
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.run_demo
+
+test: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests
+
+bench: $(STAMP)
+	$(PY) -m pipeline.bench infer
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,95 @@
+"""The one way entry points start: Hydra composition + schema validation + clean user errors.
+
+``@hydra_entry("train")`` turns ``fn(cfg: Config) -> int | None`` into a ``main()`` that
+- checks command-line overrides against the schema *before* Hydra runs, so ``train.epcohs=3`` fails
+  with "Did you mean 'train.epochs'?" instead of Hydra's generic struct error;
+- composes ``conf/`` with Hydra (``--cfg job``, ``--help``, multirun all work as usual) under a run dir
+  shared by all torchrun ranks;
+- validates the composed config with :func:`pipeline.config.validate`;
+- turns expected user errors (bad config, bad data, bad checkpoint) into one clear line and exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+from pipeline.config import CONF_DIR, Config, ConfigError, _unknown_key_message, _valid_keys, validate
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def register_user_error(exc: type[BaseException]) -> None:
+    """Modules with their own error type (DataError, CheckpointError...) register it here."""
+    global USER_ERRORS
+    if exc not in USER_ERRORS:
+        USER_ERRORS = USER_ERRORS + (exc,)
+
+
+def _groups() -> set[str]:
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+def check_overrides(args: list[str]) -> None:
+    """Reject ``a.b=c`` overrides whose key is not in the schema (group selections are fine)."""
+    from pipeline.config import Config as _C
+
+    groups = _groups()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key == "hydra" or key in groups or "/" in key:
+            continue
+        parts = key.split(".")
+        if parts[0] in groups and len(parts) > 1:
+            valid = _valid_keys(_C(), parts[:-1])
+            if parts[-1] not in valid and valid:
+                raise ConfigError(_unknown_key_message(key))
+            if not valid and len(parts) > 1 and parts[:-1] != parts[:1]:
+                # parent is not a section: walk up to the first unknown component
+                for i in range(1, len(parts)):
+                    if parts[i] not in _valid_keys(_C(), parts[:i]):
+                        raise ConfigError(_unknown_key_message(".".join(parts[: i + 1])))
+        elif parts[0] not in groups:
+            raise ConfigError(_unknown_key_message(key))
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Callable[[], None]]:
+    def decorate(fn: Callable[[Config], int | None]) -> Callable[[], None]:
+        @functools.wraps(fn)
+        def main() -> None:
+            import hydra
+
+            os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            try:
+                check_overrides(sys.argv[1:])
+            except ConfigError as err:
+                fail(str(err))
+            if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+                sys.argv.append(f"hydra.job.name={job_name}")
+            result: dict[str, int | None] = {}
+
+            @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+            def _run(raw) -> None:
+                try:
+                    cfg = validate(raw)
+                    result["code"] = fn(cfg)
+                except USER_ERRORS as err:
+                    fail(str(err))
+
+            _run()
+            code = result.get("code")
+            if code:
+                sys.exit(code)
+
+        return main
+
+    return decorate
