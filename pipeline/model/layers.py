@@ -8,8 +8,6 @@ order in which the global RNG is consumed) also follows the official code, so a 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -112,8 +110,3 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
-
-
-def conv_out_size(size: int, stride: int) -> int:
-    """Output size of a k x k conv with padding k // 2 (odd k) and the given stride: ceil(size / stride)."""
-    return math.ceil(size / stride)
