@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.config import CONF_DIR, Config, ConfigError, _unknown_key_message, _valid_keys, validate
 
@@ -56,6 +57,24 @@ def check_overrides(args: list[str]) -> None:
             raise ConfigError(_unknown_key_message(key))
 
 
+def expand_params_flag(argv: list[str]) -> list[str]:
+    """``--params FILE.yaml`` (what the DVC stages pass): use a fully composed params file as the primary
+    config instead of ``conf/config.yaml``. The run dir stays shared across torchrun ranks."""
+    if "--params" not in argv:
+        return argv
+    i = argv.index("--params")
+    if i + 1 >= len(argv):
+        raise ConfigError("--params needs a file, e.g. --params params.yaml")
+    path = Path(argv[i + 1]).resolve()
+    if not path.is_file():
+        raise ConfigError(f"--params {argv[i + 1]}: file not found (run `python -m pipeline.config --write` "
+                          "to create params.yaml from conf/)")
+    rest = argv[:i] + argv[i + 2:]
+    return [*rest, "--config-dir", str(path.parent), "--config-name", path.stem,
+            "hydra.run.dir=outputs/${hydra.job.name}/${run_id:}",
+            "hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/${hydra.job.name}_rank${rank:}.log"]
+
+
 def fail(msg: str, code: int = 2) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -71,6 +90,7 @@ def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Cal
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             try:
                 check_overrides(sys.argv[1:])
+                sys.argv[1:] = expand_params_flag(sys.argv[1:])
             except ConfigError as err:
                 fail(str(err))
             if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):

@@ -14,9 +14,9 @@ import os
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     size: str = "1.0x"  # ShuffleNetV2 width multiplier: 0.5x | 1.0x | 1.5x
     out_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    pretrained: Optional[str] = None  # local torchvision-layout ImageNet state dict; never downloaded
+    pretrained: str | None = None  # local torchvision-layout ImageNet state dict; never downloaded
 
 
 @dataclass
@@ -110,15 +110,15 @@ class AugmentConfig:  # official train pipeline (spec section 10), done with alb
     saturation: list[float] = field(default_factory=lambda: [0.5, 1.2])
     min_visibility: float = 0.0
     min_size: float = 1.0  # pixels; boxes smaller than this after augmentation are dropped (counted)
-    multi_scale: Optional[list[float]] = None  # e.g. [0.75, 1.25]: random input-size factor per batch
+    multi_scale: list[float] | None = None  # e.g. [0.75, 1.25]: random input-size factor per batch
 
 
 @dataclass
 class DataConfig:
     source: str = "builtin"  # builtin | coco | yolo | voc
-    root: Optional[str] = None  # dataset folder for coco / yolo / voc
-    train_ann: Optional[str] = None  # coco: annotation json of the training split (relative to root)
-    val_ann: Optional[str] = None  # coco: annotation json of the validation split; None -> seeded split
+    root: str | None = None  # dataset folder for coco / yolo / voc
+    train_ann: str | None = None  # coco: annotation json of the training split (relative to root)
+    val_ann: str | None = None  # coco: annotation json of the validation split; None -> seeded split
     class_names: list[str] = field(default_factory=list)  # empty -> taken from the data (builtin, coco)
     prepared_dir: str = "data/prepared"
     val_fraction: float = 0.1
@@ -140,11 +140,11 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "runs/train"
     epochs: int = 300
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (tests, smoke runs)
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
     lr: float = 1e-3
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_scale_batch: Optional[int] = None  # scale lr by global_batch / lr_scale_batch
+    lr_scale_batch: int | None = None  # scale lr by global_batch / lr_scale_batch
     warmup_steps: int = 500
     warmup_ratio: float = 1e-4
     min_lr: float = 5e-5
@@ -155,7 +155,7 @@ class TrainConfig:
     val_interval: int = 10  # epochs
     save_interval_steps: int = 0  # 0: last.pt only at epoch end
     resume: str = "auto"  # auto | never | path/to/last.pt
-    init_from: Optional[str] = None  # weights to fine-tune from (.pt of ours, official .ckpt/.pth)
+    init_from: str | None = None  # weights to fine-tune from (.pt of ours, official .ckpt/.pth)
     patience: int = 0  # early stopping in validations without improvement; 0 = off
     max_nonfinite: int = 5  # consecutive skipped non-finite steps before stopping
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
@@ -198,14 +198,24 @@ class ExportConfig:
     calib_images: int = 64
 
 
+# --------------------------------------------------------------------------------------- predict
+@dataclass
+class PredictConfig:
+    source: str | None = None  # an image, a folder of images or a video file
+    checkpoint: str | None = None  # .pt or .onnx; None -> eval.checkpoint
+    out_dir: str = "runs/predict"
+    score_thr: float | None = None  # None -> eval.score_thr
+    save_images: bool = True
+
+
 # -------------------------------------------------------------------------------------- tracking
 @dataclass
 class TrackingConfig:
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "nanodet-pipeline"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
     dir: str = "runs"  # W&B writes <dir>/wandb
     num_images: int = 8  # validation images logged with boxes
     init_timeout_s: int = 30
@@ -218,6 +228,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -436,12 +447,20 @@ def _run_id() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def register_schema() -> None:
-    """Make the schema the base of conf/config.yaml (``defaults: [schema, ...]``): Hydra then type-checks
-    every group file and override during composition."""
-    from hydra.core.config_store import ConfigStore
+SCHEMA_YAML = CONF_DIR / "schema.yaml"
+HEADER = "# GENERATED by `python -m pipeline.config --write` from pipeline/config.py: the schema defaults\n" \
+         "# (official NanoDet-Plus-m 320 recipe). Do not edit; tests fail when it drifts.\n"
 
-    ConfigStore.instance().store(name="schema", node=Config)
+
+def schema_yaml() -> str:
+    """Every key of the schema with its default, as YAML: the base of conf/config.yaml. A plain YAML file
+    (not a ConfigStore entry) so that DVC's own Hydra composition (``dvc exp run -S``) sees every key too."""
+    return HEADER + OmegaConf.to_yaml(OmegaConf.structured(Config))
+
+
+def params_yaml() -> str:
+    """What ``dvc repro`` reads: conf/ composed with no overrides (``dvc exp run -S`` rewrites it)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(compose([]))))
 
 
 def register_resolvers() -> None:
@@ -452,4 +471,22 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
-register_schema()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write conf/schema.yaml and params.yaml from the schema.")
+    parser.add_argument("--write", action="store_true", help="rewrite conf/schema.yaml and params.yaml")
+    args = parser.parse_args(argv)
+    if args.write:
+        SCHEMA_YAML.write_text(schema_yaml())
+        (CONF_DIR.parent / "params.yaml").write_text(params_yaml())
+        print(f"wrote {SCHEMA_YAML} and {CONF_DIR.parent / 'params.yaml'}")
+    else:
+        print(schema_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

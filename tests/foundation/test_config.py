@@ -87,3 +87,13 @@ def test_entry_point_rejects_typo_and_prints_config(tmp_path):
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "reg_max: 7" in ok.stdout and "hydra" not in ok.stdout.split("\n")[0]
+
+
+def test_generated_schema_and_params_are_in_sync():
+    """conf/schema.yaml and params.yaml are generated from pipeline/config.py and conf/; a stale copy would
+    make `dvc repro` train something other than what conf/ says. Fix with `python -m pipeline.config --write`."""
+    from pipeline.config import SCHEMA_YAML, params_yaml, schema_yaml
+
+    assert SCHEMA_YAML.read_text() == schema_yaml(), "conf/schema.yaml is stale: python -m pipeline.config --write"
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    assert params.read_text() == params_yaml(), "params.yaml drifted from conf/: python -m pipeline.config --write"
