@@ -1,0 +1,380 @@
+"""Ray Tune sweeps: sweep-file checks, up-front validation of the space, results and best-experiment files,
+and (slow) real sweeps on tiny data: completion, retries of crashing trials, interruption and resume,
+multi-worker trials, and Ray bound to 127.0.0.1 only."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import tune as tune_cli
+from pipeline.config import CONF_DIR, compose, to_dict
+from pipeline.tune_results import TrialRow, leaf_diff, write_best_experiment, write_results
+from pipeline.tune_space import (
+    SWEEPS_DIR,
+    SweepError,
+    expand_sample,
+    load_sweep,
+    sample_overrides,
+    validate_space,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.head.strides=[8,16,32]", "data.input_size=[64,64]", "data.builtin.num_train=16",
+        "data.builtin.num_val=8", "data.builtin.image_size=[64,64]", "data.batch_size=4",
+        "data.eval_batch_size=8", "data.num_workers=0", "train.warmup_steps=2", "tracking.mode=disabled"]
+
+
+def write_sweep(folder: Path, body: str, name: str = "s") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# ------------------------------------------------------------------------------------ fast tests
+def test_shipped_sweeps_load_and_every_combination_composes():
+    names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    assert {"demo_cpu", "reg_max_strides", "head_widths"} <= set(names)
+    for name in names:
+        sweep = load_sweep(name)
+        assert validate_space(sweep, sweep.base_overrides) >= 2
+
+
+def test_head_widths_keeps_aux_twice_the_neck():
+    sweep = load_sweep("head_widths")
+    values = expand_sample(sweep, {"model.neck.out_channels": 96, "model.head.stacked_convs": 1})
+    assert values["model.head.feat_channels"] == 96 and values["model.aux_head.feat_channels"] == 192
+    cfg = compose([*sweep.base_overrides, *sample_overrides(sweep, values)])
+    assert (cfg.model.neck.out_channels, cfg.model.head.feat_channels, cfg.model.aux_head.feat_channels) == (96, 96, 192)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("spaec: {}\n", ["unknown key 'spaec'", "Did you mean 'space'"]),
+    ("space: {train.lr: {logunifrom: [0.001, 0.01]}}\n", ["space.train.lr.logunifrom", "loguniform"]),
+    ("space: {train.lr: {loguniform: [0.0, 0.01]}}\n", ["space.train.lr.loguniform", "low > 0"]),
+    ("space: {train.lr: {uniform: [0.01, 0.001]}}\n", ["space.train.lr.uniform", "low <= high"]),
+    ("space: {train.epcohs: {choice: [1, 2]}}\n", ["space.train.epcohs", "Did you mean 'train.epochs'"]),
+    ("space: {model.head: {choice: [1]}}\n", ["space.model.head", "section"]),
+    ("space: {train.lr: {choice: []}}\n", ["space.train.lr.choice", "non-empty"]),
+    ("space: {model.neck.out_channels: {choice: [64]}}\ntied: {model.head.feat_channels: model.neck.kernel_size}\n",
+     ["tied.model.head.feat_channels", "source 'model.neck.kernel_size' is not a key of 'space'"]),
+    (("space: {model.neck.out_channels: {choice: [64]}}\n"
+      "derived: {model.aux_head.feat_channels: \"__import__('os').getcwd()\"}\n"),
+     ["derived.model.aux_head.feat_channels", "nothing else is evaluated"]),
+    ("space: {train.lr: {choice: [0.001]}}\nscheduler: {type: asha, grace: 1}\n",
+     ["unknown key 'scheduler.grace'", "grace_period"]),
+    ("space: {train.lr: {choice: [0.001]}}\nnum_samples: 0\n", ["'num_samples'", ">= 1"]),
+    ("space: {train.lr: {choice: [0.001]}}\nname: 'a b'\n", ["'name'", "letters"]),
+])
+def test_bad_sweep_files_name_file_and_key(tmp_path, body, expected):
+    path = write_sweep(tmp_path, body)
+    with pytest.raises(SweepError) as err:
+        load_sweep(str(path))
+    assert str(path) in str(err.value)
+    for part in expected:
+        assert part in str(err.value)
+
+
+def test_unknown_sweep_name_lists_shipped_ones():
+    with pytest.raises(SweepError, match="demo_cpu"):
+        load_sweep("no_such_sweep")
+
+
+def test_invalid_combinations_are_named(tmp_path):
+    # 96 channels with 64 GroupNorm groups fails only together: each value alone is fine with the base.
+    path = write_sweep(tmp_path, """
+        base_overrides: [experiment=demo]
+        space:
+          model.aux_head.feat_channels: {choice: [96, 128]}
+          model.aux_head.num_groups: {choice: [32, 64]}
+          data.input_size: {choice: [[64, 64], [70, 70]]}
+    """)
+    sweep = load_sweep(str(path))
+    with pytest.raises(SweepError) as err:
+        validate_space(sweep, sweep.base_overrides)
+    msg = str(err.value)
+    assert str(path) in msg and "nothing was run" in msg
+    assert "space.data.input_size=[70,70] fails on its own" in msg
+    assert "model.aux_head.feat_channels=96, model.aux_head.num_groups=64" in msg and "GroupNorm" in msg
+
+
+def test_continuous_bounds_are_checked(tmp_path):
+    path = write_sweep(tmp_path, """
+        base_overrides: [experiment=demo]
+        space:
+          train.lr: {loguniform: [1.0e-5, 1.0e-3]}
+    """)
+    sweep = load_sweep(str(path))
+    with pytest.raises(SweepError, match=r"train.lr=1e-05 fails on its own.*min_lr"):
+        validate_space(sweep, sweep.base_overrides)
+    with pytest.raises(SweepError, match=r"'train.lr' is set by 'space' and also by the override 'train.lr=0.01'"):
+        validate_space(sweep, [*sweep.base_overrides, "train.lr=0.01"])
+
+
+def test_invalid_space_is_rejected_before_ray_starts(tmp_path, monkeypatch, capsys):
+    path = write_sweep(tmp_path, """
+        base_overrides: [experiment=demo]
+        space:
+          model.neck.out_channels: {choice: [64, 80]}
+        derived:
+          model.aux_head.feat_channels: "model.neck.out_channels"
+    """)
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started for an invalid search space")
+
+    monkeypatch.setattr(tune_cli, "init_ray", no_ray)
+    code = tune_cli.main([f"sweep={path}", f"out={tmp_path / 'out'}", f"experiment_dir={tmp_path / 'exp'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(path) in err and "space.model.neck.out_channels=80" in err and "GroupNorm" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_splits_options_from_overrides(tmp_path):
+    args = tune_cli.parse_args(["sweep=demo_cpu", "train.epochs=2", f"out={tmp_path}", "resume=false"])
+    assert args.sweep == "demo_cpu" and args.overrides == ("train.epochs=2",)
+    assert args.out == tmp_path.resolve() and args.resume == "false"
+    with pytest.raises(SweepError, match="missing sweep="):
+        tune_cli.parse_args(["train.epochs=2"])
+    with pytest.raises(SweepError, match="resume='maybe'"):
+        tune_cli.parse_args(["sweep=x", "resume=maybe"])
+    with pytest.raises(SweepError, match="not key=value"):
+        tune_cli.parse_args(["sweep=x", "oops"])
+    with pytest.raises(SweepError, match="107 bytes"):
+        tune_cli.parse_args(["sweep=x", f"ray_tmp={tmp_path / ('a' * 40)}"])
+
+
+def test_cli_reports_errors_with_exit_code_2():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.tune", "sweep=no_such_sweep"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "no_such_sweep" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def conf_copy(tmp_path: Path) -> Path:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    return conf
+
+
+def test_best_experiment_file_rebuilds_the_best_config(tmp_path):
+    conf = conf_copy(tmp_path)
+    overrides = ["experiment=demo", "model=nanodet_plus_m", "model.head.reg_max=10", "train.lr=0.0012345",
+                 "model.head.strides=[8,16,32]", "tracking.mode=disabled", "train.out_dir=/elsewhere"]
+    best = compose(overrides)
+    path = write_best_experiment(conf / "experiment" / "best_t.yaml", best, "demo",
+                                 lambda o: compose(o, config_dir=conf), ["a comment"])
+    text = path.read_text()
+    assert text.startswith("# @package _global_\n# a comment\n")
+    assert yaml.safe_load(text)["defaults"] == ["demo", "_self_"]
+    again = to_dict(compose(["experiment=best_t"], config_dir=conf))
+    differ = leaf_diff(to_dict(best), again)
+    assert differ == {}, differ
+    assert again["model"]["backbone"]["size"] == "1.0x" and again["train"]["lr"] == 0.0012345
+    assert again["train"]["out_dir"] != "/elsewhere" and again["tracking"]["mode"] != "disabled"
+    # a sweep around a previous best: the new file must not include itself
+    rerun = compose(["experiment=best_t", "train.lr=0.002"], config_dir=conf)
+    write_best_experiment(path, rerun, "best_t", lambda o: compose(o, config_dir=conf), [])
+    assert yaml.safe_load(path.read_text())["defaults"] == ["_self_"]
+    assert leaf_diff(to_dict(rerun), to_dict(compose(["experiment=best_t"], config_dir=conf))) == {}
+
+
+def test_results_are_sorted_best_first(tmp_path):
+    rows = [TrialRow("a", "finished", {"train.lr": 0.001}, {"mAP": 0.1, "AP50": 0.2}, best_epoch=1, epochs=2),
+            TrialRow("b", "error", {"train.lr": 0.002}, error="RuntimeError: boom | x"),
+            TrialRow("c", "finished", {"train.lr": 0.003}, {"mAP": 0.3, "AP50": 0.5}, best_epoch=0, epochs=2,
+                     params=1000, flops=2_000_000, latency_ms=1.5)]
+    ordered = write_results(tmp_path, rows, "mAP", "max", ["# title"])
+    assert [r.trial_id for r in ordered] == ["c", "a", "b"]
+    with open(tmp_path / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["trial_id"] for r in table] == ["c", "a", "b"]
+    assert table[0]["gflops"] == "0.002" and table[0]["train.lr"] == "0.003" and table[2]["mAP"] == ""
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# title") and "RuntimeError: boom \\| x" in md
+    assert [r.trial_id for r in write_results(tmp_path, rows, "mAP", "min", [])] == ["a", "c", "b"]
+
+
+# ------------------------------------------------------------------------------------ slow tests
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tune_data") / "prepared"  # generated once by the first sweep
+
+
+def run_cli(args: list[str], inject: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop(tune_cli.INJECT_ENV, None)
+    if inject:
+        env[tune_cli.INJECT_ENV] = inject
+    return subprocess.run([sys.executable, "-m", "pipeline.tune", *args], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_table(out: Path) -> dict[str, dict]:
+    with open(out / "results.csv") as fh:
+        return {row["trial_id"]: row for row in csv.DictReader(fh)}
+
+
+def reported_epochs(row: dict) -> list[int]:
+    lines = (Path(row["trial_dir"]) / "result.json").read_text().splitlines()
+    return [json.loads(line)["epochs_done"] for line in lines if line.strip()]
+
+
+def check_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_writes_results_and_best_experiment(tmp_path, data_dir):
+    conf = conf_copy(tmp_path)
+    sweep = write_sweep(tmp_path, """
+        name: tiny
+        num_samples: 1
+        max_concurrent: 2
+        scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+        base_overrides: [experiment=demo, train.epochs=1]
+        space:
+          model.head.reg_max: {grid: [5, 7]}
+          train.lr: {loguniform: [1.0e-3, 3.0e-3]}
+    """)
+    out = tmp_path / "out"
+    proc = run_cli([f"sweep={sweep}", f"out={out}", f"experiment_dir={conf / 'experiment'}",
+                    f"data.prepared_dir={data_dir}", *TINY])
+    check_ok(proc)
+    table = read_table(out)
+    assert len(table) == 2 and {r["model.head.reg_max"] for r in table.values()} == {"5", "7"}
+    for row in table.values():
+        assert row["status"] == "finished" and row["epochs"] == "1" and row["failures"] == "0"
+        assert float(row["mAP"]) >= 0 and int(row["params"]) > 100_000 and float(row["gflops"]) > 0
+        assert float(row["cpu_latency_ms"]) > 0
+        trial = Path(row["trial_dir"])
+        assert (trial / "train" / "last.pt").is_file() and list(trial.glob("checkpoint_*/last.pt"))
+        trained = yaml.safe_load((trial / "train" / "config.yaml").read_text())
+        assert trained["tracking"]["group"] == "tiny" and trained["tracking"]["name"] == row["trial_id"]
+        assert trained["train"]["val_interval"] == 1 and trained["train"]["out_dir"] == str(trial / "train")
+    assert "| rank | trial_id | status | mAP |" in (out / "results.md").read_text()
+    best_row = next(r for r in table.values() if r["rank"] == "1")
+    best_file = conf / "experiment" / "best_tiny.yaml"
+    assert best_file.read_text().startswith("# @package _global_")
+    rebuilt = to_dict(compose(["experiment=best_tiny"], config_dir=conf))
+    expected = to_dict(compose(["experiment=demo", "train.epochs=1", f"data.prepared_dir={data_dir}", *TINY,
+                                f"model.head.reg_max={best_row['model.head.reg_max']}",
+                                f"train.lr={best_row['train.lr']}"]))
+    assert leaf_diff(expected, rebuilt) == {}
+    assert not (REPO / "conf" / "experiment" / "best_tiny.yaml").exists()
+
+
+@pytest.mark.slow
+def test_crashing_trial_is_retried_from_its_checkpoint_and_reported(tmp_path, data_dir):
+    sweep = write_sweep(tmp_path, """
+        name: crash
+        num_samples: 1
+        scheduler: {type: fifo}
+        max_failures: 1
+        base_overrides: [experiment=demo, train.epochs=3]
+        space:
+          model.head.reg_max: {grid: [7]}
+    """)
+    out = tmp_path / "out"
+    proc = run_cli([f"sweep={sweep}", f"out={out}", f"experiment_dir={tmp_path / 'exp'}",
+                    f"data.prepared_dir={data_dir}", *TINY], inject="always")
+    check_ok(proc, 1)  # every trial failed: no best experiment
+    assert "no trial ran to its end" in proc.stderr
+    (row,) = read_table(out).values()
+    assert row["status"] == "error" and "InjectedFailure" in row["error"]
+    assert row["failures"] == "2" and row["restarts"] == "1"
+    assert reported_epochs(row) == [1, 2]  # the retry went on from epoch 1's checkpoint, not from scratch
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_and_retries(tmp_path, data_dir):
+    sweep = write_sweep(tmp_path, """
+        name: resume
+        num_samples: 1
+        max_concurrent: 1
+        scheduler: {type: fifo}
+        max_failures: 1
+        base_overrides: [experiment=demo, train.epochs=2]
+        space:
+          model.head.reg_max: {grid: [5, 7]}
+    """)
+    out, exp = tmp_path / "out", tmp_path / "exp"
+    args = [f"sweep={sweep}", f"out={out}", f"experiment_dir={exp}", f"data.prepared_dir={data_dir}", *TINY]
+    first = run_cli(args, inject="interrupt")  # Ctrl-C reaches the driver after the first validation
+    check_ok(first, 130)
+    assert "INTERRUPTED" in (out / "results.md").read_text() and not exp.exists()
+    changed = run_cli([*args, "train.lr=0.003"])
+    check_ok(changed, 2)
+    assert "different search space or overrides" in changed.stderr
+    second = run_cli(args, inject="once")  # the trial not started before fails once and is retried
+    check_ok(second)
+    assert "continuing sweep resume" in second.stderr + second.stdout
+    table = read_table(out)
+    assert len(table) == 2 and all(r["status"] == "finished" for r in table.values())
+    by_reg = {r["model.head.reg_max"]: r for r in table.values()}
+    assert by_reg["5"]["restarts"] == "1" and by_reg["5"]["failures"] == "0"
+    assert by_reg["7"]["restarts"] == "1" and by_reg["7"]["failures"] == "1"
+    for row in table.values():
+        assert reported_epochs(row) == [1, 2]  # resumed from the reported checkpoint: no gap, no repeat
+    assert (exp / "best_resume.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_runs_ddp_through_ray_train(tmp_path, data_dir):
+    sweep = write_sweep(tmp_path, """
+        name: ddp
+        num_samples: 1
+        resources: {cpu: 0.5, gpu: 0}
+        workers_per_trial: 2
+        scheduler: {type: fifo}
+        base_overrides: [experiment=demo, train.epochs=2]
+        space:
+          model.head.reg_max: {grid: [7]}
+    """)
+    out = tmp_path / "out"
+    proc = run_cli([f"sweep={sweep}", f"out={out}", f"experiment_dir={tmp_path / 'exp'}",
+                    f"data.prepared_dir={data_dir}", *TINY])
+    check_ok(proc)
+    (row,) = read_table(out).values()
+    assert row["status"] == "finished" and reported_epochs(row) == [1, 2]
+    summary = json.loads((Path(row["trial_dir"]) / "train" / "metrics.json").read_text())
+    assert summary["steps"] == 4  # 16 images / (batch 4 x 2 ranks) = 2 steps per epoch: two ranks trained
+
+
+@pytest.mark.slow
+def test_local_ray_listens_on_loopback_only():
+    pytest.importorskip("psutil")
+    ray_tmp = tempfile.mkdtemp(prefix="rt-")  # Ray's socket paths must stay under 107 bytes
+    script = textwrap.dedent(f"""
+        import ipaddress, psutil
+        from pathlib import Path
+        from pipeline import tune
+        tune.init_ray(tune.Args(sweep="x"), Path({ray_tmp!r}))
+        import ray
+        ray.get(ray.remote(lambda: 1).remote())
+        pids = {{psutil.Process().pid}} | {{p.pid for p in psutil.Process().children(recursive=True)}}
+        found = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        ray.shutdown()
+        print(found)
+        bad = [a for a in found if not ipaddress.ip_address(a[0].removeprefix("::ffff:")).is_loopback]
+        assert found and not bad, bad
+    """)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=180)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
