@@ -288,7 +288,9 @@ def validate(cfg: Any) -> Config:
         OmegaConf.resolve(merged)
     except (ValidationError, ConfigKeyError, ConfigAttributeError) as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"Invalid value for config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from None
+        detail = str(err.msg if hasattr(err, "msg") else err).strip().splitlines()  # drop OmegaConf's key dump
+        raise ConfigError(f"Invalid value for config key '{key}': {detail[0] if detail else type(err).__name__}"
+                          ) from None
     check_consistency(merged)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
