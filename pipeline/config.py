@@ -155,6 +155,10 @@ class TrainConfig:
     val_interval: int = 10  # epochs
     save_interval_steps: int = 0  # 0: last.pt only at epoch end
     resume: str = "auto"  # auto | never | path/to/last.pt
+    # what resume=auto does when last.pt was made with another config: error (refuse when the model
+    # differs, continue otherwise) | restart (any model/data/train difference: move the old run to
+    # <out_dir>/previous/<time>/ and start fresh; what the DVC train stage uses)
+    on_config_change: str = "error"
     init_from: str | None = None  # weights to fine-tune from (.pt of ours, official .ckpt/.pth)
     patience: int = 0  # early stopping in validations without improvement; 0 = off
     max_nonfinite: int = 5  # consecutive skipped non-finite steps before stopping
@@ -236,6 +240,7 @@ CHOICES = {
     "model.backbone.size": tuple(BACKBONE_CHANNELS),
     "data.source": ("builtin", "coco", "yolo", "voc"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.on_config_change": ("error", "restart"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }
 

@@ -18,6 +18,7 @@ SIGTERM (143) or SIGINT (130) after saving ``last.pt`` at the end of the current
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline import dist as pdist
+from pipeline import faults
 from pipeline.checkpoint import (
     CheckpointError,
     check_model_config,
@@ -40,7 +42,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.cli import hydra_entry
-from pipeline.config import Config, ConfigError, to_dict
+from pipeline.config import Config, ConfigError, diff_keys, to_dict
 from pipeline.ema import ModelEMA
 from pipeline.engine import (
     StopFlag,
@@ -54,6 +56,7 @@ from pipeline.engine import (
 )
 from pipeline.logging import get_logger
 from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.perf import apply_memory_format, compile_with_fallback
 from pipeline.tracking import Tracker, append_plot_row, build_panel, build_tracker, write_metrics_json
 
 log = get_logger(__name__)
@@ -167,18 +170,71 @@ def _build_model(cfg: Config, device: torch.device) -> nn.Module:
     if cfg.train.sync_bn and pdist.get_world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    # channels_last where it is faster (pipeline.perf: the aux head stays NCHW under CPU bf16 autocast)
+    return apply_memory_format(model, cfg.train.channels_last, resolve_amp(cfg.train.amp, device), device)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail at the start, with the same error on every rank, when train.out_dir cannot be created or
+    written (a path under a file, a read-only mount, no space) instead of at the first checkpoint."""
+    problem = None
+    if pdist.is_main():
+        probe = out_dir / f".write_test.{os.getpid()}"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as err:
+            problem = (f"train.out_dir={out_dir} is not writable ({err.strerror or err}: {err.filename}); "
+                       "point train.out_dir to a writable folder with free space")
+    problem = pdist.broadcast_object(problem)
+    if problem:
+        raise CheckpointError(problem)
+
+
+# Keys that may change between a run and its resume without making it another run.
+RESUME_BENIGN_KEYS = ("train.resume", "train.on_config_change", "train.nproc", "train.log_interval",
+                      "train.dist_timeout_s", "train.device", "data.num_workers", "data.eval_batch_size")
+
+
+def run_config_changes(stored: dict, cfg: Config) -> list[str]:
+    """Differences between a checkpoint's config and ``cfg`` in what defines the run (model, data, train)."""
+    now = to_dict(cfg)
+    changes = []
+    for section in ("model", "data", "train"):
+        for line in diff_keys(stored.get(section, {}), now[section], f"{section}."):
+            if not line.split(":", 1)[0] in RESUME_BENIGN_KEYS:
+                changes.append(line)
+    return changes
+
+
+def archive_run(out_dir: Path) -> Path:
+    """Move a previous run's checkpoints, metrics and plots to <out_dir>/previous/<time>/ (nothing is lost)."""
+    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "config.yaml", "plots"):
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, dest / name)
+    return dest
 
 
 def _resume(cfg: Config) -> tuple[Path, dict] | None:
-    """Rank 0 picks the checkpoint (with its fallback rules); every rank then loads the same file."""
+    """Rank 0 picks the checkpoint (with its fallback rules); every rank then loads the same file.
+
+    With train.on_config_change=restart, a last.pt made with another model/data/train config is moved
+    aside (see :func:`archive_run`) and training starts fresh."""
     choice: tuple[str, str] | None = None
     if pdist.is_main():
         try:
             found = find_resume_checkpoint(cfg)
             choice = ("ok", str(found[0])) if found else None
+            if found and cfg.train.on_config_change == "restart":
+                changes = run_config_changes(found[1].get("config", {}), cfg)
+                if changes:
+                    dest = archive_run(Path(cfg.train.out_dir))
+                    log.warning("train.on_config_change=restart: the config changed (%s); previous run moved "
+                                "to %s, starting fresh", "; ".join(changes[:5]), dest)
+                    choice = None
         except CheckpointError as err:
             choice = ("error", str(err))
     choice = pdist.broadcast_object(choice)
@@ -204,6 +260,7 @@ class _Run:
         self.cfg, self.device, self.report = cfg, device, report
         self.out_dir = Path(cfg.train.out_dir)
         self.distributed = pdist.is_dist()
+        _check_out_dir(self.out_dir)
         _configure_torch(cfg, device)
         self.train_loader = build_loader(cfg, "train", train=True, distributed=self.distributed)
         self.val_loader = build_loader(cfg, "val", train=False, distributed=self.distributed)
@@ -226,10 +283,9 @@ class _Run:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False)
-        if cfg.train.compile:  # after DDP, so that DDP's graph-break optimizer can split the graph
-            log.info("compiling the training module with torch.compile (the first steps are slow)")
-            module = torch.compile(module)
-        self.module = module
+        # compile after DDP, so that DDP's graph-break optimizer can split the graph; a compiler failure
+        # falls back to eager with a warning (pipeline.perf.CompileFallback)
+        self.module = compile_with_fallback(module, cfg.train.compile)
         if cfg.train.ema and self.ema is None:  # after DDP's initial broadcast: the same EMA on every rank
             self.ema = ModelEMA(self.model, cfg.train.ema_decay, cfg.train.ema_ramp_steps)
         self.tracker: Tracker = build_tracker(cfg, run_id, pdist.get_rank())
@@ -293,6 +349,7 @@ class _Run:
         return path
 
     def _on_step_end(self, state: TrainState) -> None:
+        faults.step_end(state.step, pdist.get_rank())  # test-only kill/hang hook (pipeline/faults.py)
         every = self.cfg.train.save_interval_steps
         if every and state.step % every == 0:
             self.save_last()
@@ -445,6 +502,16 @@ def train(cfg: Config, report: Callable[[int, dict], None] | None = None) -> dic
             pdist.cleanup()
 
 
+PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "gloo", "NCCL")
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective failed because another torchrun rank died or hangs (gloo/NCCL error text)."""
+    if not pdist.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(err, torch.distributed.DistError) or any(m in str(err) for m in PEER_FAILURE_MARKERS)
+
+
 @hydra_entry("train")
 def run(cfg: Config) -> int | None:
     try:
@@ -452,6 +519,16 @@ def run(cfg: Config) -> int | None:
     except TrainingInterrupted as err:
         log.error("%s", err)
         return err.exit_code
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        log.error("rank %s: a collective operation with the other ranks failed (%s). Another rank died or stopped "
+                  "responding (torchrun's report names it; train.dist_timeout_s=%d bounds the wait). %s keeps the "
+                  "last saved step: run the same command again, or launch with torchrun --max-restarts=N, to "
+                  "resume from it", os.environ.get("RANK", "?"), detail, cfg.train.dist_timeout_s,
+                  Path(cfg.train.out_dir) / "last.pt")
+        return 1
     return None
 
 

@@ -88,9 +88,10 @@ def test_dvc_repro_runs_all_stages_then_is_a_noop(repo_copy):
 
 @pytest.mark.slow
 def test_changing_eval_param_reruns_only_evaluate(repo_copy):
+    """eval.confusion_iou is read by evaluate only (train validates with eval.score_thr/iou_thr/max_dets)."""
     repo, env = repo_copy
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["eval"]["score_thr"] = 0.1
+    params["eval"]["confusion_iou"] = 0.6
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo, env).stdout
     assert "Running stage 'evaluate'" in out
@@ -108,3 +109,24 @@ def test_dvc_exp_run_composes_hydra_overrides(repo_copy):
     assert params["model"]["head"]["reg_max"] == 5
     show = _run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "reg_max" in show and "mAP" in show
+    archived = list((repo / "runs/train/previous").glob("*/last.pt"))
+    assert archived, "the run made with reg_max 7 must be moved aside, not lost"
+    import torch
+
+    ckpt = torch.load(repo / "runs/train/last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["head"]["reg_max"] == 5
+
+
+@pytest.mark.slow
+def test_dvc_push_pull_with_a_local_remote(repo_copy, tmp_path):
+    repo, env = repo_copy
+    remote = tmp_path / "remote"
+    _run(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], repo, env)
+    _run(["dvc", "push"], repo, env)
+    assert any(remote.rglob("*")), "dvc push wrote nothing"
+    onnx = repo / "runs/export/model.onnx"
+    before = onnx.read_bytes()
+    onnx.unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(["dvc", "pull"], repo, env)
+    assert onnx.read_bytes() == before
