@@ -97,6 +97,7 @@ class BuiltinDataConfig:  # the deterministic generated dataset (pipeline/data/g
     seed: int = 0
     max_objects: int = 8
     empty_fraction: float = 0.05
+    min_object_px: float = 7.0  # smallest object side drawn, in generated-image pixels
 
 
 @dataclass

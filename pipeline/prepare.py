@@ -52,7 +52,7 @@ def _generate_builtin(cfg: Any, out: Path, names: list[str], issues: Issues) -> 
         shutil.rmtree(out / "images" / split, ignore_errors=True)  # no stale images from a larger earlier run
         t0 = time.perf_counter()
         path = generate_dataset(out, int(count), list(b.image_size), int(b.seed), names, int(b.max_objects),
-                                float(b.empty_fraction), split)
+                                float(b.empty_fraction), split, float(b.min_object_px))
         dt = time.perf_counter() - t0
         issues.info("builtin_generated", f"{split}: generated {count} images of {list(b.image_size)} in {dt:.2f} s "
                     f"({count / max(dt, 1e-9):.0f} images/s)")
@@ -177,7 +177,11 @@ def prepare(cfg: Any) -> dict:
     t0 = time.perf_counter()
     d = cfg.data
     out = Path(d.prepared_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.prepared_dir={out} cannot be created ({err.strerror or err}: {err.filename}); "
+                        "point data.prepared_dir to a writable folder") from None
     issues = Issues(strict=bool(d.strict))
     raw_splits, class_names = read_source(cfg, issues)
     if len(class_names) != int(cfg.model.num_classes):

@@ -145,12 +145,12 @@ def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, bw: float, bh: f
     cv2.fillPoly(canvas, [np.round(pts * 16).astype(np.int32)], color, line_type, 4)
 
 
-def _sample_geometry(rng, shape: str, w: int, h: int, cluster: np.ndarray | None):
+def _sample_geometry(rng, shape: str, w: int, h: int, cluster: np.ndarray | None, min_px: float = 7.0):
     short = min(w, h)
     probs = [m[0] for m in _SIZE_MIX]
     _, lo, hi = _SIZE_MIX[int(rng.choice(len(_SIZE_MIX), p=probs))]
     size = float(np.exp(rng.uniform(np.log(lo * short), np.log(hi * short))))
-    size = max(size, 7.0)
+    size = max(size, min_px)
     spread = 1.7 if shape == "square" else 1.3
     aspect = float(np.exp(rng.uniform(-np.log(spread), np.log(spread))))
     bw, bh = size * np.sqrt(aspect), size / np.sqrt(aspect)
@@ -164,7 +164,7 @@ def _sample_geometry(rng, shape: str, w: int, h: int, cluster: np.ndarray | None
 
 # ----------------------------------------------------------------------------------------- images
 def render_image(rng: np.random.Generator, w: int, h: int, shapes: Sequence[str], max_objects: int,
-                 empty: bool) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+                 empty: bool, min_object_px: float = 7.0) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image and its objects: (uint8 [h, w, 3] BGR, [(class index, [x1, y1, x2, y2]) ...]).
 
     Box corners are pixel edges: a box covering columns 3..5 is x1=3, x2=6.
@@ -183,7 +183,7 @@ def render_image(rng: np.random.Generator, w: int, h: int, shapes: Sequence[str]
         if len(placed) == n_target or len(placed) == 254:
             break
         cls = int(rng.integers(0, len(shapes)))
-        geo = _sample_geometry(rng, shapes[cls], w, h, cluster)
+        geo = _sample_geometry(rng, shapes[cls], w, h, cluster, min_object_px)
         _draw(scratch, shapes[cls], *geo, 1, cv2.LINE_8)
         x, y, rw, rh = cv2.boundingRect(scratch)
         crop = scratch[y:y + rh, x:x + rw].view(bool)
@@ -218,11 +218,11 @@ def _empty_indices(num_images: int, empty_fraction: float, rng: np.random.Genera
 
 def generate_dataset(out_dir: str | Path, num_images: int, image_size: Sequence[int], seed: int,
                      class_names: Sequence[str] | None = None, max_objects: int = 8,
-                     empty_fraction: float = 0.05, split_name: str = "train") -> Path:
+                     empty_fraction: float = 0.05, split_name: str = "train", min_object_px: float = 7.0) -> Path:
     """Write ``num_images`` images of size ``image_size`` = (width, height) and their COCO json.
 
     Returns the json path ``<out_dir>/<split_name>.json``. Category ids are 1..C in ``class_names``
-    order (default: DEFAULT_CLASSES).
+    order (default: DEFAULT_CLASSES). ``min_object_px``: no object is drawn smaller than this (pixels).
     """
     w, h = int(image_size[0]), int(image_size[1])
     if w < 16 or h < 16:
@@ -240,7 +240,7 @@ def generate_dataset(out_dir: str | Path, num_images: int, image_size: Sequence[
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, split_key, i])
-        img, objects = render_image(rng, w, h, shapes, max_objects, i in empties)
+        img, objects = render_image(rng, w, h, shapes, max_objects, i in empties, min_object_px)
         rel = f"images/{split_name}/{i + 1:06d}.jpg"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
         if not ok:
