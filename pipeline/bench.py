@@ -4,8 +4,10 @@
            onnxruntime INT8 (static QDQ, calibrated on random inputs: speed only), params and FLOPs.
 * data   : training input pipeline throughput (pipeline.data.loader.bench_data; needs prepared data).
 * assign : batched Dynamic Soft Label Assigner vs the per-image reference (pipeline.model.assigner).
-* train  : timed training steps on synthetic batches (model with aux head), split into forward /
-           assign / loss / backward / optimizer.
+* train  : timed training steps (model with aux head; synthetic batches or ``--data loader``) split into
+           data / forward / assign / loss / backward / optimizer, with ``--amp``, ``--channels-last`` and
+           ``--compile`` as in training; training FLOPs per image, achieved FLOP/s vs the measured peak
+           (pipeline.bench_train).
 * peak   : achievable FLOP/s of a large matmul and a 3x3 conv in fp32 and bf16 (the roofline for the above).
 
 The model config is composed like everywhere else: ``--set experiment=nanodet_plus_m_320 ...`` (Hydra
@@ -94,94 +96,6 @@ def _bench_onnx(det, one: np.ndarray, many: np.ndarray, iters: int) -> dict[str,
             "throughput_images_per_s": _throughput(lambda: det.forward(many), len(many), max(3, iters // 5))}
 
 
-# --------------------------------------------------------------------------------------- train
-def _synthetic_batch(batch: int, hw: tuple[int, int], num_classes: int, gen: torch.Generator, num_gt: int = 8):
-    h, w = hw
-    images = torch.randn(batch, 3, h, w, generator=gen)
-    xy = torch.rand(batch, num_gt, 2, generator=gen) * torch.tensor([w, h])
-    wh = torch.rand(batch, num_gt, 2, generator=gen) * torch.tensor([w, h]) * 0.4 + 8
-    boxes = torch.cat([xy - wh / 2, xy + wh / 2], -1).clamp(min=0).minimum(torch.tensor([w, h, w, h]))
-    labels = torch.randint(0, num_classes, (batch, num_gt), generator=gen)
-    return images, boxes, labels, torch.ones(batch, num_gt, dtype=torch.bool)
-
-
-def bench_train(cfg, batches: list[int], iters: int) -> dict[str, Any]:
-    """Per-phase milliseconds of a training step (median over ``iters`` after one warm-up step)."""
-    from pipeline.model import build_model
-    from pipeline.model.criterion import NanoDetPlusLoss
-    from pipeline.model.decode import decode_boxes, make_priors
-
-    torch.manual_seed(0)
-    w, h = (int(v) for v in cfg.data.input_size)
-    model = build_model(cfg.model, with_aux=True).train()
-    criterion = NanoDetPlusLoss(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    priors = make_priors((h, w), model.strides)
-    c, r = model.num_classes, model.reg_max
-    out: dict[str, Any] = {"machine": _machine(torch.get_num_threads()), "input_size": [w, h],
-                           "backbone": cfg.model.backbone.size, "steps": {}}
-    gen = torch.Generator().manual_seed(0)
-    for batch in batches:
-        phases: dict[str, list[float]] = {k: [] for k in ("forward", "assign", "loss", "backward", "optimizer", "step")}
-        for i in range(iters + 1):
-            images, boxes, labels, valid = _synthetic_batch(batch, (h, w), c, gen)
-            t0 = time.perf_counter()
-            head_out, aux_out = model.forward_train(images, epoch=0)
-            t1 = time.perf_counter()
-            with torch.no_grad():  # the assignment alone, as the criterion runs it (aux head guides)
-                cls, reg = aux_out.detach().split([c, 4 * (r + 1)], -1)
-                criterion.assigner.assign(cls, priors, decode_boxes(reg, priors, r), boxes, labels, valid)
-            t2 = time.perf_counter()
-            loss, _, _ = criterion(head_out, aux_out, boxes, labels, valid, priors)
-            t3 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t4 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
-            optimizer.step()
-            t5 = time.perf_counter()
-            if i == 0:
-                continue  # warm-up
-            for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0 - (t2 - t1))):
-                phases[key].append(dt * 1e3)
-        med = {f"{k}_ms": float(np.median(v)) for k, v in phases.items()}
-        med["loss_ms_includes_assign"] = True
-        med["images_per_s"] = batch / (med["step_ms"] / 1e3)
-        out["steps"][str(batch)] = med
-    return out
-
-
-# ---------------------------------------------------------------------------------------- peak
-def bench_peak(device: str = "cpu", iters: int = 5) -> dict[str, Any]:
-    """Achieved FLOP/s of a square matmul and a 3x3 conv (fp32 and bf16)."""
-    dev = torch.device(device)
-    n = 2048 if dev.type == "cpu" else 8192
-    out: dict[str, Any] = {"machine": _machine(torch.get_num_threads()), "device": str(dev)}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
-        x = torch.randn(8 if dev.type == "cpu" else 64, 128, 56, 56, device=dev, dtype=dtype)
-        conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False).to(dev, dtype)
-        conv_flops = 2 * x.shape[0] * 128 * 128 * 9 * 56 * 56
-
-        def sync():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        def mm(a=a, b=b):
-            a @ b
-            sync()
-
-        def cv(conv=conv, x=x):
-            conv(x)
-            sync()
-
-        name = str(dtype).replace("torch.", "")
-        out[f"matmul_{name}_tflops"] = 2 * n**3 / (latency_stats(mm, 1, iters)["p50_ms"] / 1e3) / 1e12
-        out[f"conv3x3_{name}_tflops"] = conv_flops / (latency_stats(cv, 1, iters)["p50_ms"] / 1e3) / 1e12
-    return out
-
-
 # ---------------------------------------------------------------------------------------- main
 def _optional(module: str, name: str) -> Callable[..., dict]:
     import importlib
@@ -205,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--device", default="cpu", help="assign/peak: cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"],
+                        help="train: autocast mode, as train.amp")
+    parser.add_argument("--channels-last", action="store_true", help="train: as train.channels_last=true")
+    parser.add_argument("--compile", action="store_true", help="train: as train.compile=true")
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "loader"],
+                        help="train: synthetic batches, or the real training loader (needs prepared data)")
+    parser.add_argument("--no-peak", action="store_true", help="train: skip the peak FLOP/s measurement")
     args = parser.parse_args(argv)
     from pipeline.config import ConfigError, compose
 
@@ -226,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch, input_hw=(int(h), int(w)), strides=tuple(cfg.model.head.strides),
             num_classes=int(cfg.model.num_classes), device=args.device)
     elif args.what == "train":
-        result = bench_train(cfg, args.train_batches, max(1, args.iters))
+        from pipeline.bench_train import bench_train
+
+        result = bench_train(list(args.set), args.train_batches, max(1, args.iters), args.amp, args.channels_last,
+                             args.compile, args.data, args.device, with_peak=not args.no_peak)
     else:
-        result = bench_peak(args.device, max(1, args.iters))
+        from pipeline.bench_train import bench_peak
+
+        result = {"machine": _machine(threads), **bench_peak(args.device, max(1, args.iters))}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import faults
 from pipeline.cli import register_user_error
 from pipeline.config import Config, diff_keys, from_dict, to_dict
 from pipeline.logging import get_logger
@@ -49,18 +52,32 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict, keep_prev: bool = True) -> Path:
-    """Atomically write ``state`` to ``path``; with ``keep_prev`` the old file becomes ``path.prev``."""
+    """Atomically write ``state`` to ``path``; with ``keep_prev`` the old file becomes ``path.prev``.
+
+    An OSError (disk full, read-only or missing folder) becomes a CheckpointError naming the file; the
+    previous checkpoint is then untouched. ``pipeline.faults`` can kill the process at each phase (tests).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    index = faults.next_save()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.checkpoint_point("partial", index, tmp)
+        faults.checkpoint_point("written", index, tmp)
         if keep_prev and path.exists():
             os.replace(path, path.with_name(path.name + PREV_SUFFIX))
+        faults.checkpoint_point("swapped", index, tmp)
         os.replace(tmp, path)
+        faults.checkpoint_point("renamed", index, tmp)
+    except OSError as err:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err} ({type(err).__name__}); "
+                              f"{kept}. Free disk space or point train.out_dir to a writable folder") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -68,11 +85,50 @@ def save_checkpoint(path: str | os.PathLike, state: dict, keep_prev: bool = True
     return path
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files that a killed save of ``path`` left (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted save", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def verify_zip_crc(path: Path) -> None:
+    """torch.save files are zip archives with a CRC-32 per record, which torch.load never checks: a flipped
+    bit in a tensor would load silently. Check them (a few ms per 100 MB); CheckpointError on a mismatch."""
+    if not zipfile.is_zipfile(path):
+        return  # truncated (no zip directory) or the legacy format: torch.load decides
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(info.CRC for info in zf.infolist()):
+                return  # written with torch.serialization.config.save.compute_crc32=False: nothing to check
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
+                              f"{_first_line(err)}); delete it or point to another file") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its record '{bad}' fails the CRC-32 check (the file "
+                              "changed after it was written: disk, copy or transfer error); delete it or point to "
+                              "another file")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; any problem becomes a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_zip_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - damaged files raise KeyError, EOFError, RuntimeError...

@@ -32,15 +32,42 @@ def _groups() -> set[str]:
     return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
 
+def _check_syntax(arg: str) -> None:
+    """Hydra's override grammar, checked here so that a typo is one line and exit code 2."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException as err:
+        detail = str(err).splitlines()[0] if str(err) else "syntax error"
+        raise ConfigError(f"cannot parse the override {arg!r}: {detail}. Quote lists and strings for the shell, "
+                          "e.g. 'data.input_size=[320,320]'") from None
+
+
+def _check_group_option(group: str, value: str) -> None:
+    """``model=nope`` -> the options that exist in conf/<group>/."""
+    if value in ("", "null") or (CONF_DIR / group / f"{value}.yaml").is_file():
+        return
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    raise ConfigError(f"Unknown option '{value}' for config group '{group}'. Available: {', '.join(options)} "
+                      f"(files in {CONF_DIR / group})")
+
+
 def check_overrides(args: list[str]) -> None:
-    """Reject ``a.b=c`` overrides whose key is not in the schema (group selections are fine)."""
+    """Reject ``a.b=c`` overrides whose key is not in the schema, unknown group options (``model=nope``)
+    and overrides Hydra cannot parse."""
     from pipeline.config import Config as _C
 
     groups = _groups()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0].lstrip("+~")
+        _check_syntax(arg)
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key in groups and not arg.startswith("~"):
+            _check_group_option(key, value.strip())
         if key.startswith("hydra.") or key == "hydra" or key in groups or "/" in key:
             continue
         parts = key.split(".")
@@ -70,9 +97,10 @@ def expand_params_flag(argv: list[str]) -> list[str]:
         raise ConfigError(f"--params {argv[i + 1]}: file not found (run `python -m pipeline.config --write` "
                           "to create params.yaml from conf/)")
     rest = argv[:i] + argv[i + 2:]
-    return [*rest, "--config-dir", str(path.parent), "--config-name", path.stem,
-            "hydra.run.dir=outputs/${hydra.job.name}/${run_id:}",
-            "hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/${hydra.job.name}_rank${rank:}.log"]
+    # overrides before options (argparse rejects overrides after an option), ours first so the user's win
+    return ["hydra.run.dir=outputs/${hydra.job.name}/${run_id:}",
+            "hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/${hydra.job.name}_rank${rank:}.log",
+            *rest, "--config-dir", str(path.parent), "--config-name", path.stem]
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -94,7 +122,7 @@ def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Cal
             except ConfigError as err:
                 fail(str(err))
             if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
-                sys.argv.append(f"hydra.job.name={job_name}")
+                sys.argv.insert(1, f"hydra.job.name={job_name}")  # before any option (--cfg job ...)
             result: dict[str, int | None] = {}
 
             @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -44,7 +44,9 @@ def select_device(requested: str = "auto") -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={requested!r} but CUDA is not available here; use train.device=cpu")
+            from pipeline.config import ConfigError  # a user error: one line, exit code 2
+
+            raise ConfigError(f"train.device={requested!r} but CUDA is not available here; use train.device=cpu")
         if requested == "cuda":
             requested = f"cuda:{get_local_rank()}"
         torch.cuda.set_device(torch.device(requested))
@@ -62,10 +64,18 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> bool:
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": _dt.timedelta(seconds=timeout_s)}
+    timeout = _dt.timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
     if device.type == "cuda":
         kwargs["device_id"] = device
-    dist.init_process_group(**kwargs)
+    # torchrun --max-restarts: the restarted workers meet in the same agent store as the failed attempt, whose
+    # keys (e.g. the dead rank's gloo address) are still there; a prefix per attempt keeps them apart
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"nanodet/attempt{attempt}/", store)
+    dist.init_process_group(store=store, rank=rank, world_size=world_size, **kwargs)
     return True
 
 

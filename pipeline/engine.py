@@ -26,6 +26,7 @@ from pipeline.cli import register_user_error
 from pipeline.config import Config, ConfigError
 from pipeline.logging import get_logger
 from pipeline.optim import clip_gradients
+from pipeline.perf import check_cpu_bf16, run_with_fallback
 
 log = get_logger(__name__)
 
@@ -91,6 +92,8 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device (float16 training relies on a GradScaler); "
                           "use train.amp=bf16 or train.amp=off on CPU")
+    if mode == "bf16" and device.type == "cpu":
+        check_cpu_bf16()
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
@@ -215,14 +218,20 @@ def train_one_epoch(model: nn.Module, criterion: Any, loader: Any, optimizer: to
             break
         lr = scheduler.step(state.step, epoch)
         images, targets = _to_device(batch, device, cfg.train.channels_last)
-        with autocast(device, amp_dtype):
-            head_out, aux_out = model(images, epoch)
-        # the criterion computes in float32 even under autocast
-        loss, terms, _ = criterion(head_out, aux_out, *targets, priors(tuple(images.shape[-2:])))
-        if state.step in faults:
-            loss = loss * float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+
+        def forward_backward(images=images, targets=targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp_dtype):
+                head_out, aux_out = model(images, epoch)
+            # the criterion computes in float32 even under autocast
+            loss, terms, _ = criterion(head_out, aux_out, *targets, priors(tuple(images.shape[-2:])))
+            if state.step in faults:
+                loss = loss * float("nan")
+            scaler.scale(loss).backward()
+            return loss, terms
+
+        # with train.compile, a compiler failure (forward or first backward) continues in eager mode
+        loss, terms = run_with_fallback(model, forward_backward)
         scaler.unscale_(optimizer)
         grad_norm = clip_gradients(raw.parameters(), cfg.train.grad_clip)
         loss_bad, grad_bad, stop = _agree_flags(loss, grad_norm, stop_flag, device)

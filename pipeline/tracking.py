@@ -12,6 +12,7 @@ DVC: ``<out_dir>/metrics.json`` (final and best numbers) and per-epoch plot tabl
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import netrc
@@ -73,6 +74,33 @@ class Tracker:
         pass
 
 
+def _never_raises(method):
+    """Tracking must never stop training: the first W&B failure (e.g. its service process died) is logged
+    once and the tracker becomes a no-op; metrics.json and plots/ do not depend on it."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any W&B problem, network or process
+            self.failed = True
+            log.warning("W&B %s failed (%s: %s); training continues without W&B tracking (metrics.json and "
+                        "plots/ are unaffected)", method.__name__, type(err).__name__, str(err)[:200])
+            _quiet_teardown()
+            return None
+    return guarded
+
+
+def _quiet_teardown() -> None:
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:  # noqa: BLE001, S110 - best effort: the service is already gone
+        pass
+
+
 class WandbTracker(Tracker):
     """A live W&B run. Keys: ``train/<loss term>``, ``train/lr``, ``val/<metric>``, ``val/per_class_AP``
     (a table), ``val/images`` (a fixed panel with predicted and ground-truth boxes)."""
@@ -81,10 +109,13 @@ class WandbTracker(Tracker):
         self.run = run
         self.mode = mode
         self.run_id = run.id
+        self.failed = False
 
+    @_never_raises
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
 
+    @_never_raises
     def log_eval(self, metrics: dict[str, Any], step: int, epoch: int, panel: Sequence[dict] = ()) -> None:
         import wandb
 
@@ -98,6 +129,7 @@ class WandbTracker(Tracker):
             data["val/images"] = [_panel_image(item) for item in panel]
         self.run.log(data, step=step)
 
+    @_never_raises
     def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
         import wandb
 
@@ -105,6 +137,7 @@ class WandbTracker(Tracker):
         art.add_file(str(path), name=Path(path).name)
         self.run.log_artifact(art, aliases=["best", "latest"])
 
+    @_never_raises
     def finish(self, exit_code: int = 0) -> None:
         import wandb
 
@@ -153,9 +186,9 @@ def build_panel(detections: Sequence[dict], coco: Any, json_dir: Path, class_nam
     (a pycocotools COCO read from a json in ``json_dir``), with their ground-truth boxes and the
     predictions scoring >= ``score_thr``.
     Boxes in original-image pixels; ``category_id`` k+1 is label k (prepared-json convention)."""
-    import cv2
-
     from pipeline.data.dataset import resolve_file
+    from pipeline.data.transforms import read_image
+    from pipeline.data.validate import DataError
 
     ids = sorted(coco.getImgIds())[:max(num_images, 0)]
     if not ids:
@@ -171,7 +204,10 @@ def build_panel(detections: Sequence[dict], coco: Any, json_dir: Path, class_nam
     panel = []
     for image_id in ids:
         info = coco.imgs[image_id]
-        img = cv2.imread(resolve_file(info["file_name"], Path(json_dir)), cv2.IMREAD_COLOR)
+        try:
+            img = read_image(resolve_file(info["file_name"], Path(json_dir)))
+        except DataError:
+            img = None
         if img is None:
             log.warning("validation panel: cannot read %s; image left out", info["file_name"])
             continue
@@ -191,9 +227,9 @@ def build_tracker(cfg: Config, run_id: str | None = None, rank: int = 0) -> Trac
     if mode == "disabled":
         return Tracker()
     root = Path(cfg.tracking.dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ["WANDB_DIR"] = str(root)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.environ["WANDB_DIR"] = str(root)
         run = _init(cfg, mode, run_id, root)
     except Exception as err:  # noqa: BLE001 - network down, bad key, no server within init_timeout_s
         if mode != "online":

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.layers import ConvModule, DepthwiseConvModule, activation
+from pipeline.model.layers import ConvModule, DepthwiseConv2d, DepthwiseConvModule, activation
 
 
 class GhostModule(nn.Module):
@@ -32,7 +32,7 @@ class GhostModule(nn.Module):
             activation() if act else nn.Sequential(),
         )
         self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init_channels, new_channels, dw_size, padding=dw_size // 2, groups=init_channels, bias=False),
+            DepthwiseConv2d(init_channels, dw_size, padding=dw_size // 2, out_channels=new_channels),
             nn.BatchNorm2d(new_channels),
             activation() if act else nn.Sequential(),
         )
@@ -59,8 +59,7 @@ class GhostBottleneck(nn.Module):
             self.shortcut = nn.Sequential()
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, in_channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2,
-                          groups=in_channels, bias=False),
+                DepthwiseConv2d(in_channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2),
                 nn.BatchNorm2d(in_channels),
                 nn.Conv2d(in_channels, out_channels, 1, bias=False),
                 nn.BatchNorm2d(out_channels),

@@ -77,12 +77,18 @@ def quality_focal_loss(pred: Tensor, labels: Tensor, scores: Tensor, weight: Ten
     """
     num_classes = pred.shape[-1]
     sigma = pred.sigmoid()
-    neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none") * sigma.pow(beta)
+    # BCE(p, 0) is softplus(p); no zeros tensor needed
+    neg = F.softplus(pred) * sigma.pow(beta)  # [M, C]
     # one-hot of the positive label; background (label == C) or negative labels match no column
     is_target = labels[:, None] == torch.arange(num_classes, device=pred.device)
-    q = scores[:, None].to(pred.dtype).expand_as(pred)
-    pos = F.binary_cross_entropy_with_logits(pred, q, reduction="none") * (q - sigma).abs().pow(beta)
-    loss = torch.where(is_target, pos, neg).sum(dim=1)
+    # the positive term only where it is used: one column per row ([M]), not the whole [M, C] grid
+    # (BCE's log-sigmoid is the costliest elementwise op of the step on CPU)
+    column = labels.clamp(0, num_classes - 1)[:, None]
+    q = scores.to(pred.dtype)
+    pred_l, sigma_l = pred.gather(1, column).squeeze(1), sigma.gather(1, column).squeeze(1)
+    pos = F.binary_cross_entropy_with_logits(pred_l, q, reduction="none") * (q - sigma_l).abs().pow(beta)
+    is_pos = (labels >= 0) & (labels < num_classes)
+    loss = neg.masked_fill(is_target, 0.0).sum(dim=1) + torch.where(is_pos, pos, 0.0)
     return loss_weight * weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
@@ -98,8 +104,10 @@ def distribution_focal_loss(pred: Tensor, target: Tensor, weight: Tensor | None 
     right = left + 1
     w_left = right.float() - target
     w_right = target - left.float()
-    loss = (F.cross_entropy(pred, left, reduction="none") * w_left
-            + F.cross_entropy(pred, right, reduction="none") * w_right)
+    # one log-softmax for both neighbouring bins (cross_entropy twice would compute it twice)
+    log_prob = F.log_softmax(pred, dim=-1)
+    loss = -(log_prob.gather(1, left[:, None]).squeeze(1) * w_left
+             + log_prob.gather(1, right[:, None]).squeeze(1) * w_right)
     return loss_weight * weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 

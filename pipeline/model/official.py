@@ -21,11 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.cli import register_user_error
+
 AUX_PREFIXES = ("aux_fpn.", "aux_head.")
 
 
 class OfficialWeightsError(ValueError):
     """The file cannot be read safely, or its tensors do not fit the configured model."""
+
+
+register_user_error(OfficialWeightsError)  # one line and exit code 2 at the command line
 
 
 @dataclass

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.cli import register_user_error
 from pipeline.config import BACKBONE_CHANNELS
-from pipeline.model.layers import activation
+from pipeline.model.layers import DepthwiseConv2d, activation
 
 STAGE_REPEATS = (4, 8, 4)
 TORCHVISION_ONLY = ("conv5.", "fc.")  # torchvision's head layers, which NanoDet does not use
@@ -23,15 +24,25 @@ class PretrainedWeightsError(ValueError):
     """The ImageNet backbone file is missing, unreadable or does not fit the configured width."""
 
 
+register_user_error(PretrainedWeightsError)  # one line and exit code 2 at the command line
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, H, W] with channels interleaved across ``groups`` (C = groups * k)."""
+    """[B, C, H, W] -> [B, C, H, W] with channels interleaved across ``groups`` (C = groups * k).
+
+    A channels_last input stays channels_last (``torch.channel_shuffle``, the same permutation): the
+    view/transpose/contiguous form would turn every block's output back into NCHW, and each following
+    conv would then pay a layout conversion. The plain form is kept for NCHW (ONNX export, parity).
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channel_shuffle(x, groups)
     b, c, h, w = x.shape
     x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
     return x.view(b, c, h, w)
 
 
 def _depthwise(channels: int, stride: int) -> nn.Conv2d:
-    return nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=False)
+    return DepthwiseConv2d(channels, 3, stride=stride, padding=1)
 
 
 def _pointwise(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -166,6 +177,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling/format problem gets the same advice
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise PretrainedWeightsError(
+                f"model.backbone.pretrained={path}: holds pickled Python objects, which are not loaded because "
+                "unpickling can run arbitrary code. Save only the tensors: torch.save(model.state_dict(), path)."
+            ) from None
         raise PretrainedWeightsError(
             f"model.backbone.pretrained={path}: cannot be read as a plain tensor state dict ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}). Save it with torch.save(model.state_dict(), path).") from None

@@ -68,7 +68,7 @@ def test_crash_while_writing_leaves_old_file_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*previous last.pt is intact"):
         save_checkpoint(path, _state(2))
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

@@ -1,0 +1,223 @@
+"""Training-speed benchmark behind ``python -m pipeline.bench train`` and ``... peak``.
+
+``train`` times real training steps - the same pieces as pipeline.engine (autocast, the memory-format
+policy, TrainForward, optional torch.compile with fallback, NanoDetPlusLoss, AdamW with clipping, EMA) -
+and splits each step into data / forward / assign / loss / backward / optimizer. It reports wall-clock
+images/s (best and median) and the process CPU time (which shows how much of the machine the step
+got: on a shared machine, compare ``cpu_cores_used`` with the thread count), the training FLOPs per
+image, the achieved FLOP/s and the measured peak of this machine (``peak``: a large matmul and a 3x3
+conv, float32 and bfloat16).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+# The official implementation trains NanoDet-Plus-m (aux head) at ~3.8 images/s at batch 16, 320 px,
+# float32 on a 2-core AVX512 machine of this kind (the reference of issue 10).
+OFFICIAL_IMAGES_PER_S = 3.8
+PHASES = ("data", "forward", "assign", "loss", "backward", "optimizer")
+
+
+def machine(threads: int) -> dict[str, Any]:
+    from pipeline.perf import cpu_info
+
+    info = cpu_info()
+    return {"cpu": info["model"], "cores": info["cores"], "threads": threads,
+            "cpu_flags": info["flags"], "native_bf16": info["native_bf16"], "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+# ---------------------------------------------------------------------------------------------- peak
+def bench_peak(device: str = "cpu", iters: int = 5) -> dict[str, Any]:
+    """Achieved TFLOP/s (best of ``iters``) of a square matmul and a 3x3 conv (128 -> 128 channels,
+    56 x 56, NCHW), in float32 and bfloat16: the roofline for the training numbers."""
+    dev = torch.device(device)
+    n = 2048 if dev.type == "cpu" else 8192
+    batch = 8 if dev.type == "cpu" else 64
+    sync = _sync(dev)
+    out: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads(),
+                           "matmul_size": n, "conv3x3": [batch, 128, 56, 56]}
+    conv_flops = 2 * batch * 128 * 128 * 9 * 56 * 56
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(n, n, device=dev, dtype=dtype)
+            b = torch.randn(n, n, device=dev, dtype=dtype)
+            x = torch.randn(batch, 128, 56, 56, device=dev, dtype=dtype)
+            conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False).to(dev, dtype)
+            name = str(dtype).replace("torch.", "")
+            out[f"matmul_{name}_tflops"] = 2 * n**3 / _best_seconds(lambda a=a, b=b: a @ b, sync, iters) / 1e12
+            out[f"conv3x3_{name}_tflops"] = conv_flops / _best_seconds(lambda c=conv, x=x: c(x), sync, iters) / 1e12
+    return out
+
+
+def _best_seconds(fn: Callable[[], Any], sync: Callable[[], None], iters: int) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(max(1, iters)):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# --------------------------------------------------------------------------------------------- train
+class _TimedAssigner:
+    """Stands in for ``criterion.assigner``: the assignment runs inside the criterion, timed apart."""
+
+    def __init__(self, inner: Any, sync: Callable[[], None]):
+        self.inner, self.sync, self.seconds = inner, sync, 0.0
+
+    def assign(self, *args: Any, **kwargs: Any) -> Any:
+        self.sync()
+        start = time.perf_counter()
+        out = self.inner.assign(*args, **kwargs)
+        self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def synthetic_batch(batch: int, hw: tuple[int, int], num_classes: int, gen: torch.Generator,
+                    num_gt: int = 8) -> dict[str, torch.Tensor]:
+    """Random images and ``num_gt`` random boxes per image, in the loader's batch layout."""
+    h, w = hw
+    xy = torch.rand(batch, num_gt, 2, generator=gen) * torch.tensor([w, h])
+    wh = torch.rand(batch, num_gt, 2, generator=gen) * torch.tensor([w, h]) * 0.4 + 8
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], -1).clamp(min=0).minimum(torch.tensor([w, h, w, h]))
+    return {"images": torch.randn(batch, 3, h, w, generator=gen), "gt_boxes": boxes,
+            "gt_labels": torch.randint(0, num_classes, (batch, num_gt), generator=gen),
+            "gt_valid": torch.ones(batch, num_gt, dtype=torch.bool)}
+
+
+def _batches(cfg: Any, batch: int, source: str, gen: torch.Generator):
+    """Endless batches: two synthetic ones in turn (made up front: the data phase then measures only the
+    copy to the device, as with loader workers that keep up), or the real training loader's."""
+    w, h = (int(v) for v in cfg.data.input_size)
+    if source == "synthetic":
+        pool = [synthetic_batch(batch, (h, w), int(cfg.model.num_classes), gen) for _ in range(2)]
+        while True:
+            yield from pool
+    from pipeline.data.loader import build_loader
+
+    loader = build_loader(cfg, "train", train=True, distributed=False)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, channels_last: bool,
+                compile_model: bool, data_source: str = "synthetic", device: str = "cpu",
+                with_peak: bool = True) -> dict[str, Any]:
+    """Per-phase milliseconds and images/s of training steps for each batch size (``iters`` timed steps
+    after one warm-up step, which also holds torch.compile's compilation)."""
+    from pipeline.config import compose
+    from pipeline.ema import ModelEMA
+    from pipeline.engine import TrainForward, autocast, resolve_amp
+    from pipeline.model import build_model
+    from pipeline.model.criterion import NanoDetPlusLoss
+    from pipeline.model.decode import make_priors
+    from pipeline.optim import build_optimizer, clip_gradients
+    from pipeline.perf import apply_memory_format, compile_with_fallback, training_flops
+
+    dev = torch.device(device)
+    sync = _sync(dev)
+    amp_dtype = resolve_amp(amp, dev)
+    cfg = compose(list(overrides))
+    w, h = (int(v) for v in cfg.data.input_size)
+    flops = training_flops(build_model(cfg.model, with_aux=True), (h, w))
+    out: dict[str, Any] = {
+        "machine": machine(torch.get_num_threads()), "device": str(dev),
+        "model": {"backbone": cfg.model.backbone.size, "input_size": [w, h], "with_aux": True,
+                  "num_classes": int(cfg.model.num_classes)},
+        "settings": {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+                     "channels_last": channels_last, "compile": compile_model, "data": data_source,
+                     "ema": bool(cfg.train.ema), "grad_clip": float(cfg.train.grad_clip)},
+        "flops_per_image": flops, "steps": {},
+    }
+    for batch in batches:
+        bcfg = compose(list(overrides) + [f"data.batch_size={batch}"])
+        torch.manual_seed(0)
+        model = apply_memory_format(build_model(bcfg.model, with_aux=True).to(dev).train(), channels_last,
+                                    amp_dtype, dev)
+        module = compile_with_fallback(TrainForward(model), compile_model)
+        criterion = NanoDetPlusLoss(bcfg.model)
+        timed = criterion.assigner = _TimedAssigner(criterion.assigner, sync)
+        optimizer = build_optimizer(model, bcfg.train, batch)
+        ema = ModelEMA(model, bcfg.train.ema_decay, bcfg.train.ema_ramp_steps) if bcfg.train.ema else None
+        priors = make_priors((h, w), model.strides, device=dev)
+        data = _batches(bcfg, batch, data_source, torch.Generator().manual_seed(0))
+        runs: dict[str, list[float]] = {k: [] for k in (*PHASES, "step", "cpu")}
+        for i in range(iters + 1):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            b = next(data)
+            images = b["images"].to(dev, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            gt = [b[k].to(dev, non_blocking=True) for k in ("gt_boxes", "gt_labels", "gt_valid")]
+            sync()
+            t1 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(dev, amp_dtype):
+                head_out, aux_out = module(images, 0)
+            sync()
+            t2 = time.perf_counter()
+            timed.seconds = 0.0
+            loss, _, _ = criterion(head_out, aux_out, *gt, priors)
+            sync()
+            t3 = time.perf_counter()
+            loss.backward()
+            sync()
+            t4 = time.perf_counter()
+            clip_gradients(model.parameters(), bcfg.train.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, i)
+            sync()
+            t5, c5 = time.perf_counter(), time.process_time()
+            if i == 0:
+                continue  # warm-up (allocator, oneDNN primitive cache, compilation)
+            times = (t1 - t0, t2 - t1, timed.seconds, t3 - t2 - timed.seconds, t4 - t3, t5 - t4, t5 - t0, c5 - c0)
+            for key, seconds in zip(runs, times):
+                runs[key].append(seconds)
+        out["steps"][str(batch)] = _summarise(runs, batch, flops["train_step_flops"])
+        if compile_model:
+            out["steps"][str(batch)]["compile_fell_back"] = bool(getattr(module, "failed", False))
+    if with_peak:
+        out["peak"] = bench_peak(device, iters=3)
+        key = f"conv3x3_{out['settings']['amp'].replace('fp32', 'float32')}_tflops"
+        for step in out["steps"].values():
+            step["fraction_of_conv3x3_peak"] = step["achieved_tflops"] / out["peak"][key]
+    b16 = out["steps"].get("16")
+    if b16 is not None and dev.type == "cpu":
+        out["reference"] = {"official_images_per_s_batch16_fp32": OFFICIAL_IMAGES_PER_S,
+                            "speedup_best": b16["images_per_s_best"] / OFFICIAL_IMAGES_PER_S,
+                            "speedup_median": b16["images_per_s_median"] / OFFICIAL_IMAGES_PER_S}
+    out["machine"]["loadavg_1_5_15_end"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
+def _summarise(runs: dict[str, list[float]], batch: int, step_flops: float) -> dict[str, Any]:
+    """Median milliseconds per phase, images/s (best and median step), CPU cores used, FLOP/s."""
+    step = np.asarray(runs["step"])
+    res: dict[str, Any] = {f"{k}_ms": 1e3 * float(np.median(runs[k])) for k in PHASES}
+    res.update(step_ms_median=1e3 * float(np.median(step)), step_ms_best=1e3 * float(step.min()),
+               images_per_s_median=batch / float(np.median(step)), images_per_s_best=batch / float(step.min()),
+               cpu_cores_used=float(np.median(np.asarray(runs["cpu"]) / step)), timed_steps=len(step))
+    res["achieved_tflops"] = step_flops * res["images_per_s_best"] / 1e12
+    return res
