@@ -93,11 +93,6 @@ class DetectionLoader(DataLoader):
 
 def _worker_init(worker_id: int) -> None:
     """Each worker gets its own seeds (torch gives base_seed + worker_id), including albumentations'."""
-    import cv2
-
-    # one OpenCV thread per worker (torch already gives workers one): a worker with a thread per core
-    # preempts both of the training process's OpenMP threads on a 2-core machine, which then spin-wait
-    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -117,11 +117,12 @@ def test_multi_scale(tiny_prepared, make_cfg, monkeypatch):
         assert isinstance(loader.batch_sampler, MultiScaleBatchSampler)
         loader.set_epoch(2)
         sizes[rank] = [batch[0][1] for batch in loader.batch_sampler]
+    stride = max(cfg.model.head.strides)
     assert sizes[0] == sizes[1]  # every rank uses the same size for the same step
-    assert all(w % 64 == 0 and h % 64 == 0 for w, h in sizes[0])
+    assert all(w % stride == 0 and h % stride == 0 for w, h in sizes[0]) and len(set(sizes[0])) > 1
     batch = next(iter(loader))
     s = batch["images"].shape[-1]
-    assert s % 64 == 0 and batch["images"].shape[-2] == s
+    assert s % stride == 0 and batch["images"].shape[-2] == s
     assert multi_scale_size((320, 192), 1.1, 32) == (352, 224) and multi_scale_size((64, 64), 0.1, 64) == (64, 64)
 
 
