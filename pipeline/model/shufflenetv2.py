@@ -168,6 +168,13 @@ class ShuffleNetV2(nn.Module):
         return len(fitting)
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch.save zip archive or a legacy pickle (protocol 2+ starts with 0x80): junk is not 'pickled objects'."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedWeightsError(
@@ -177,7 +184,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling/format problem gets the same advice
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if _looks_like_torch_file(path) and ("weights_only" in str(err) or "Unsupported global" in str(err)):
             raise PretrainedWeightsError(
                 f"model.backbone.pretrained={path}: holds pickled Python objects, which are not loaded because "
                 "unpickling can run arbitrary code. Save only the tensors: torch.save(model.state_dict(), path)."

@@ -8,7 +8,8 @@ from pipeline.bench import main
 
 def test_bench_infer_prints_json(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    code = main(["infer", "--set", "model=nanodet_plus_m_0.5x", "data.input_size=[64,64]", "--iters", "2",
+    code = main(["infer", "--set", "model=nanodet_plus_m_0.5x", "data.input_size=[64,64]",
+                 "model.head.strides=[8,16,32,64]", "--iters", "2",
                  "--batch", "2", "--threads", "1", "--out", str(out)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)

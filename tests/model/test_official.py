@@ -103,7 +103,7 @@ def test_cli_writes_our_checkpoint_format(tmp_path, capsys):
     overrides = ["model.num_classes=3", "model.backbone.size=0.5x", "model.neck.out_channels=32",
                  "model.neck.kernel_size=3", "model.head.feat_channels=24", "model.head.stacked_convs=1",
                  "model.head.kernel_size=3", "model.aux_head.feat_channels=32", "model.aux_head.stacked_convs=1",
-                 "model.aux_head.num_groups=8", "data.class_names=[a,b,c]"]
+                 "model.aux_head.num_groups=8", "model.head.strides=[8,16,32,64]", "data.class_names=[a,b,c]"]
     assert main(["--checkpoint", str(path), "--out", str(out), *overrides]) == 0
     saved = torch.load(out, weights_only=True)
     assert saved["config"]["model"]["num_classes"] == 3
