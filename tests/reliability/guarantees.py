@@ -76,8 +76,8 @@ byte is caught by its CRC-32 (plain `torch.load` loads it silently) and the prev
 warning; with no usable checkpoint the run stops with an error instead of silently starting over. Stale
 temporary files of killed saves are removed.
 
-**Clean stops.** SIGTERM/SIGINT: training finishes the step in flight, saves last.pt and exits 143/130
-with one line; `python -m pipeline.evaluate` exits 143 with one line and never leaves a partial
+**Clean stops.** SIGTERM: training finishes the step in flight (or the validation in flight), saves
+last.pt and exits 143 with one line; `python -m pipeline.evaluate` exits 143 with one line and never leaves a partial
 metrics.json (it is written last and atomically; an interrupted run leaves the previous complete outputs
 or no metrics.json at all).
 

@@ -52,6 +52,7 @@ def test_prepare_and_evaluate_refuse_an_unwritable_folder(tiny_data, reference_r
         evaluate_model(cfg)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resume_is_exact(tiny_data, reference_run,
                                                                                    tmp_path, monkeypatch):
     out = tmp_path / "run"

@@ -106,6 +106,7 @@ def test_wandb_service_dying_mid_run_does_not_stop_training(tiny_data, wandb_env
     assert (wandb_env / "run" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_unwritable_tracking_folder_leaves_training_untracked_not_stopped(tiny_data, wandb_env, pipeline_log):
     blocker = wandb_env / "a_file"
     blocker.write_text("not a folder")
