@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides, e.g. experiment=nanodet_plus_m_320")
     parser.add_argument("--batch", type=int, default=16, help="infer: throughput batch; assign: batch")
     parser.add_argument("--train-batches", type=int, nargs="*", default=[16, 32])
+    parser.add_argument("--num-gt", type=int, nargs="*", default=[0, 1, 10, 50, 100],
+                        help="assign: ground-truth boxes per image, one measurement each")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
     parser.add_argument("--no-int8", action="store_true")
@@ -143,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         result = _optional("pipeline.data.loader", "bench_data")(cfg)
     elif args.what == "assign":
         w, h = cfg.data.input_size
-        result = _optional("pipeline.model.assigner", "bench_assign")(
-            batch=args.batch, input_hw=(int(h), int(w)), strides=tuple(cfg.model.head.strides),
-            num_classes=int(cfg.model.num_classes), device=args.device)
+        bench_assign = _optional("pipeline.model.assigner", "bench_assign")
+        result = {"machine": _machine(threads), "by_num_gt": [
+            bench_assign(batch=args.batch, num_gt=num_gt, input_hw=(int(h), int(w)),
+                         strides=tuple(cfg.model.head.strides), num_classes=int(cfg.model.num_classes),
+                         device=args.device)
+            for num_gt in args.num_gt]}
     elif args.what == "train":
         from pipeline.bench_train import bench_train
 

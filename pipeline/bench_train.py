@@ -3,8 +3,8 @@
 ``train`` times real training steps - the same pieces as pipeline.engine (autocast, the memory-format
 policy, TrainForward, optional torch.compile with fallback, NanoDetPlusLoss, AdamW with clipping, EMA) -
 and splits each step into data / forward / assign / loss / backward / optimizer. It reports wall-clock
-images/s (best and median) and the process CPU time (which shows how much of the machine the step
-got: on a shared machine, compare ``cpu_cores_used`` with the thread count), the training FLOPs per
+images/s (best and median) and the process CPU time (``images_per_cpu_s``; on a shared machine compare
+``cpu_cores_used`` with the thread count: wall time then includes waiting for a core), the training FLOPs per
 image, the achieved FLOP/s and the measured peak of this machine (``peak``: a large matmul and a 3x3
 conv, float32 and bfloat16).
 """
@@ -216,8 +216,12 @@ def _summarise(runs: dict[str, list[float]], batch: int, step_flops: float) -> d
     """Median milliseconds per phase, images/s (best and median step), CPU cores used, FLOP/s."""
     step = np.asarray(runs["step"])
     res: dict[str, Any] = {f"{k}_ms": 1e3 * float(np.median(runs[k])) for k in PHASES}
+    cpu = np.asarray(runs["cpu"])
     res.update(step_ms_median=1e3 * float(np.median(step)), step_ms_best=1e3 * float(step.min()),
                images_per_s_median=batch / float(np.median(step)), images_per_s_best=batch / float(step.min()),
-               cpu_cores_used=float(np.median(np.asarray(runs["cpu"]) / step)), timed_steps=len(step))
+               # CPU seconds the process used per step: on a shared machine wall time includes waiting for
+               # the cores, CPU time does not (images per CPU-second = the rate per fully used core)
+               cpu_ms_median=1e3 * float(np.median(cpu)), images_per_cpu_s=batch / float(np.median(cpu)),
+               cpu_cores_used=float(np.median(cpu / step)), timed_steps=len(step))
     res["achieved_tflops"] = step_flops * res["images_per_s_best"] / 1e12
     return res
