@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -271,7 +272,7 @@ def _check_unknown(node: Any, schema: Any, prefix: str) -> None:
     if not isinstance(node, DictConfig) or not is_dataclass(schema):
         return
     names = {f.name for f in fields(schema)}
-    for key in node.keys():
+    for key in node:
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(_unknown_key_message(full))
@@ -287,7 +288,7 @@ def validate(cfg: Any) -> Config:
     """
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     _check_unknown(cfg, Config(), "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
@@ -326,7 +327,7 @@ def check_consistency(cfg: Config) -> None:
     if list(m.backbone.out_stages) != [2, 3, 4]:
         _fail("model.backbone.out_stages", f"GhostPAN needs stages [2, 3, 4], got {list(m.backbone.out_stages)}")
     strides = list(m.head.strides)
-    if len(strides) < 3 or strides[:3] != [8, 16, 32] or any(b != 2 * a for a, b in zip(strides, strides[1:])):
+    if len(strides) < 3 or strides[:3] != [8, 16, 32] or any(b != 2 * a for a, b in itertools.pairwise(strides)):
         _fail("model.head.strides",
               f"{strides} does not match the neck levels: the backbone gives strides 8, 16, 32 and each "
               "extra GhostPAN level doubles the last one, e.g. [8, 16, 32], [8, 16, 32, 64] or [8, 16, 32, 64, 128]")

@@ -239,7 +239,14 @@ def format_value(value: Any) -> str:
         return "[" + ",".join(format_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return quoted(str(value))
+
+
+def quoted(text: str) -> str:
+    """A Hydra override value that stays a string whatever it looks like: a Ray trial id such as
+    ``90414_00000`` is otherwise read as the integer 9041400000. In Hydra's quoted strings a quote is
+    escaped with a backslash, and backslashes only need doubling right before a quote or the closing one."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
 
 
 def expand_sample(sweep: Sweep, sample: dict[str, Any]) -> dict[str, Any]:

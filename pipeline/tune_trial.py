@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import compose
-from pipeline.tune_space import SweepError, sample_overrides
+from pipeline.tune_space import SweepError, format_value, sample_overrides
 
 # Test hook: after a report, "once" fails each trial's first attempt, "always" every attempt, "interrupt"
 # sends SIGINT to the driver once per sweep (as Ctrl-C would).
@@ -42,7 +42,8 @@ def trial_overrides(plan: dict, params: dict, trial_dir: Path, trial_id: str) ->
     sweep = plan["sweep"]
     return [*plan["overrides"], *sample_overrides(sweep, params),
             f"train.out_dir={trial_dir / 'train'}", "train.val_interval=1", "train.resume=auto",
-            f"tracking.group={sweep.name}", f"tracking.name={trial_id}", f"tracking.dir={trial_dir}"]
+            f"tracking.group={format_value(sweep.name)}", f"tracking.name={format_value(trial_id)}",
+            f"tracking.dir={trial_dir}"]
 
 
 def snapshot(out_dir: Path) -> Path:

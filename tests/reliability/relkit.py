@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from checks import assert_same_tensors
 
 from pipeline.faults import ALL_ENV
 
@@ -85,22 +85,6 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, stop_
 
 def train_cli(overrides: list[str], cwd: Path, **kw) -> tuple[int, str, int]:
     return run_cli(["-m", "pipeline.train", *overrides, f"hydra.run.dir={cwd / 'hydra'}"], cwd, **kw)
-
-
-def assert_same_tensors(a, b, where: str = "") -> int:
-    """torch.equal on every tensor of two nested structures (other leaves compared with ==); returns the
-    number of tensors compared."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"differs at {where}"
-        return 1
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
-        return sum(assert_same_tensors(a[k], b[k], f"{where}.{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"lengths differ at {where}"
-        return sum(assert_same_tensors(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    assert a == b, f"{where}: {a!r} != {b!r}"
-    return 0
 
 
 def assert_same_final_state(reference: Path, run: Path) -> int:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from checks import assert_same_tensors
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_model_for_inference
 from pipeline.config import compose, to_dict
@@ -47,21 +48,6 @@ def _run_cli(tiny, overrides: list[str], cwd: Path, stop_at_step: int | None = N
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, "".join(lines), seen
-
-
-def _assert_same_tensors(a, b, where: str = "") -> int:
-    """torch.equal on every tensor of two nested checkpoint structures; returns how many were compared."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"differs at {where}"
-        return 1
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {where}"
-        return sum(_assert_same_tensors(a[k], b[k], f"{where}.{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"lengths differ at {where}"
-        return sum(_assert_same_tensors(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    assert a == b, f"{where}: {a!r} != {b!r}"
-    return 0
 
 
 def test_single_process_run_writes_all_artefacts(tiny, tiny_data, tmp_path):
@@ -134,7 +120,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tiny_data, tmp_path)
     assert summary["steps"] == 20
 
     a, b = load_checkpoint(reference / "last.pt"), load_checkpoint(resumed / "last.pt")
-    compared = sum(_assert_same_tensors(a[k], b[k], k) for k in ("model", "ema", "optimizer", "scaler"))
+    compared = sum(assert_same_tensors(a[k], b[k], k) for k in ("model", "ema", "optimizer", "scaler"))
     assert compared > 3 * len(a["model"])
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == 20
     assert a["best_map"] == b["best_map"]

@@ -27,6 +27,7 @@ from pipeline.tune_space import (
     sample_overrides,
     validate_space,
 )
+from pipeline.tune_trial import trial_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.head.strides=[8,16,32]", "data.input_size=[64,64]", "data.builtin.num_train=16",
@@ -41,6 +42,16 @@ def write_sweep(folder: Path, body: str, name: str = "s") -> Path:
 
 
 # ------------------------------------------------------------------------------------ fast tests
+@pytest.mark.parametrize("trial_id", ["90414_00000", "12345", "1e5", "true", "null", "a'b", "x\\y", "end\\"])
+def test_trial_overrides_keep_the_trial_id_and_sweep_name_strings(trial_id, tmp_path):
+    """A Ray trial id made only of digits and underscores once became the int 9041400000 in tracking.name."""
+    sweep = load_sweep("demo_cpu")
+    sweep.name = trial_id
+    sample = {d.key: d.values[0] for d in sweep.space}
+    cfg = compose(trial_overrides({"sweep": sweep, "overrides": ["experiment=demo"]}, sample, tmp_path, trial_id))
+    assert cfg.tracking.name == trial_id and cfg.tracking.group == trial_id
+
+
 def test_shipped_sweeps_load_and_every_combination_composes():
     names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     assert {"demo_cpu", "reg_max_strides", "head_widths"} <= set(names)
