@@ -1,8 +1,8 @@
 """The demo experiment that `make run` trains really learns: validation AP50 >= 0.5 (issue #7).
 
-This is the whole demo (`conf/experiment/demo.yaml`: 1000 training images, 40 epochs, ~8 minutes on 2 cores), run in-process on a
-temporary data/run folder: the slowest test of the suite, and the only one that checks that the default
-pipeline produces a useful detector rather than merely running.
+This is the whole demo (`conf/experiment/demo.yaml`: 1000 training images, 40 epochs, ~9 minutes on 2
+cores), run in-process on a temporary data/run folder: the slowest test of the suite, and the only one that
+checks that the default pipeline produces a useful detector rather than merely running.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.evaluate import evaluate_model
 from pipeline.prepare import prepare
 from pipeline.train import train
 
-GOAL_AP50 = 0.5  # the issue's acceptance bar; measured 0.65 (fp32, 1 thread)
+GOAL_AP50 = 0.5  # the issue's acceptance bar; five runs of the demo measured 0.61-0.65
 
 
 @pytest.mark.slow
@@ -27,7 +27,8 @@ def test_demo_experiment_reaches_ap50_goal(tmp_path: Path):
     prepare(cfg)
     summary = train(cfg)
     evaluated = evaluate_model(cfg)
-    assert summary["stopped"] == "completed" and summary["steps"] == cfg.train.epochs * (cfg.data.builtin.num_train // cfg.data.batch_size)
+    steps_per_epoch = cfg.data.builtin.num_train // cfg.data.batch_size  # the loader drops the last partial batch
+    assert summary["stopped"] == "completed" and summary["steps"] == cfg.train.epochs * steps_per_epoch
     assert summary["best"]["AP50"] >= GOAL_AP50, summary["best"]
     # the evaluate stage (fp32, the shared preprocessing/decoder) agrees with training's own validation
     assert evaluated["AP50"] >= GOAL_AP50, evaluated
