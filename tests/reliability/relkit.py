@@ -6,25 +6,11 @@ workers, a checkpoint after every step (train.save_interval_steps=1) so that kil
 """
 from __future__ import annotations
 
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from checks import assert_same_tensors
+from testkit import TINY_MODEL, assert_same_tensors
 
-from pipeline.faults import ALL_ENV
-
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-STEP_LINE = re.compile(r"\] step (\d+) ")
-
-TINY_MODEL = ["model=nanodet_plus_m_0.5x", "model.num_classes=3", "model.neck.out_channels=32",
-              "model.head.feat_channels=32", "model.aux_head.feat_channels=64", "model.head.strides=[8,16,32]"]
 EPOCHS = 3
 STEPS_PER_EPOCH = 4
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
@@ -38,53 +24,6 @@ def tiny_overrides(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             f"train.out_dir={out_dir}", f"train.epochs={EPOCHS}", "train.val_interval=1", "train.warmup_steps=5",
             "train.log_interval=1", "train.save_interval_steps=1", "train.device=cpu", "tracking.mode=disabled",
             f"eval.out_dir={out_dir / 'evaluate'}", *extra]
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a pipeline subprocess: one thread, no W&B, no fault hooks unless given."""
-    env = {k: v for k, v in os.environ.items() if k not in ALL_ENV and not k.startswith("NANODET_FAULT_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               NO_ALBUMENTATIONS_UPDATE="1", RAY_USAGE_STATS_ENABLED="0")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, stop_at_step: int | None = None,
-            sig: int = signal.SIGKILL, delay_s: float = 0.0, stop_on: str | None = None,
-            timeout: float = 240) -> tuple[int, str, int]:
-    """Run ``python <args>`` and return (exit code, output, last training step logged).
-
-    With ``stop_at_step`` (or ``stop_on``, a text to wait for) send ``sig`` ``delay_s`` seconds after that
-    step's log line (or the text) appears, while the process goes on working."""
-    proc = subprocess.Popen([PYTHON, *args], cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines, seen, sent = [], 0, False
-    deadline = time.monotonic() + timeout
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            m = STEP_LINE.search(line)
-            if m:
-                seen = int(m.group(1))
-            due = (stop_at_step is not None and seen >= stop_at_step) or (stop_on is not None and stop_on in line)
-            if due and not sent:
-                if delay_s:
-                    time.sleep(delay_s)
-                proc.send_signal(sig)
-                sent = True
-            if time.monotonic() > deadline:
-                break
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, "".join(lines), seen
-
-
-def train_cli(overrides: list[str], cwd: Path, **kw) -> tuple[int, str, int]:
-    return run_cli(["-m", "pipeline.train", *overrides, f"hydra.run.dir={cwd / 'hydra'}"], cwd, **kw)
 
 
 def assert_same_final_state(reference: Path, run: Path) -> int:

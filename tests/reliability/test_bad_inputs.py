@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from badkit import CASES, INFO_CODES, check_loading, prepare_case
-from relkit import PYTHON, REPO, subprocess_env
+from testkit import PYTHON, REPO, subprocess_env
 
 from pipeline.config import compose
 from pipeline.data.dataset import DetectionDataset

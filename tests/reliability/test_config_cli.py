@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from relkit import PYTHON, subprocess_env
+from testkit import PYTHON, subprocess_env
 
 # (case, overrides, text the one error line must contain)
 CLI_CASES = [

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from relkit import assert_same_tensors, free_port, run_cli, subprocess_env, tiny_overrides
+from relkit import free_port, tiny_overrides
+from testkit import assert_same_tensors, run_cli, subprocess_env
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.faults import HANG_ENV, KILL_RANK_ENV, KILL_STEP_ENV, ONCE_ENV

@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from relkit import (
-    STEPS_PER_EPOCH,
-    TOTAL_STEPS,
-    assert_same_final_state,
-    subprocess_env,
-    tiny_overrides,
-    train_cli,
-)
+from relkit import STEPS_PER_EPOCH, TOTAL_STEPS, assert_same_final_state, tiny_overrides
+from testkit import subprocess_env, train_cli
 
 from pipeline.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 from pipeline.config import compose

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from relkit import REPO, run_cli, tiny_overrides
+from relkit import tiny_overrides
+from testkit import REPO, run_cli
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import compose, to_dict

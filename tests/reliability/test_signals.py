@@ -13,14 +13,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from relkit import (
-    STEPS_PER_EPOCH,
-    TOTAL_STEPS,
-    assert_same_final_state,
-    run_cli,
-    tiny_overrides,
-    train_cli,
-)
+from relkit import STEPS_PER_EPOCH, TOTAL_STEPS, assert_same_final_state, tiny_overrides
+from testkit import run_cli, train_cli
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import compose

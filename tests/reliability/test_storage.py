@@ -9,7 +9,8 @@ import io
 
 import pytest
 import torch
-from relkit import TOTAL_STEPS, assert_same_final_state, run_cli, tiny_overrides, train_cli
+from relkit import TOTAL_STEPS, assert_same_final_state, tiny_overrides
+from testkit import run_cli, train_cli
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import compose

@@ -1,16 +1,10 @@
 """Tiny configs and data shared by the training-stage tests (64x64 images, 0.5x model, small widths)."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-TINY_MODEL = ["model=nanodet_plus_m_0.5x", "model.num_classes=3", "model.neck.out_channels=32",
-              "model.head.feat_channels=32", "model.aux_head.feat_channels=64", "model.head.strides=[8,16,32]"]
+from testkit import PYTHON, REPO, TINY_MODEL, subprocess_env
 
 
 def tiny_overrides(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -30,7 +24,7 @@ def tiny():
         model = TINY_MODEL
         overrides = staticmethod(tiny_overrides)
         env = staticmethod(subprocess_env)
-        python = sys.executable
+        python = PYTHON
         repo = REPO
     return Tiny
 
@@ -44,14 +38,4 @@ def tiny_data(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tiny_data") / "prepared"
     prepare(compose(tiny_overrides(data_dir, data_dir.parent / "unused")))
     return data_dir
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               NO_ALBUMENTATIONS_UPDATE="1")
-    env.pop("NANODET_FAULT_NAN_STEPS", None)
-    env.pop("NANODET_FAULT_RANK", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import TINY_MODEL
 
 from pipeline import cli
 from pipeline.checkpoint import (
@@ -28,10 +29,6 @@ class Payload:  # a pickled object: never loaded
 def _state(step: int, cfg=None) -> dict:
     return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "epoch": 0,
             "step": step, "config": to_dict(cfg) if cfg is not None else {"model": {}}}
-
-
-TINY_MODEL = ["model=nanodet_plus_m_0.5x", "model.num_classes=3", "model.neck.out_channels=32",
-              "model.head.feat_channels=32", "model.aux_head.feat_channels=64", "model.head.strides=[8,16,32]"]
 
 
 def _cfg(out_dir: Path, *extra: str):

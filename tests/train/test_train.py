@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -16,38 +15,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from checks import assert_same_tensors
+from testkit import assert_same_tensors, train_cli
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_model_for_inference
 from pipeline.config import compose, to_dict
 from pipeline.engine import FAULT_NAN_ENV, FAULT_RANK_ENV, LOSS_TERMS, NonFiniteLossError
 from pipeline.train import train
-
-STEP_LINE = re.compile(r"\] step (\d+) ")
-
-
-def _run_cli(tiny, overrides: list[str], cwd: Path, stop_at_step: int | None = None,
-             sig: int = signal.SIGKILL, timeout: float = 180) -> tuple[int, str, int]:
-    """``python -m pipeline.train`` in a subprocess; with ``stop_at_step`` send ``sig`` as soon as the
-    log shows that step done. Returns (exit code, output, last step seen)."""
-    cmd = [tiny.python, "-m", "pipeline.train", *overrides, f"hydra.run.dir={cwd / 'hydra'}"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=tiny.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines, seen, sent = [], 0, False
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            m = STEP_LINE.search(line)
-            if m:
-                seen = int(m.group(1))
-                if stop_at_step is not None and seen >= stop_at_step and not sent:
-                    proc.send_signal(sig)
-                    sent = True
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, "".join(lines), seen
 
 
 def test_single_process_run_writes_all_artefacts(tiny, tiny_data, tmp_path):
@@ -110,7 +83,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tiny_data, tmp_path)
 
     resumed = tmp_path / "resumed"
     kill_at = random.Random().randint(4, 17)  # 20 steps in all
-    code, output, seen = _run_cli(tiny, tiny.overrides(tiny_data, resumed, *extra), tmp_path, kill_at)
+    code, output, seen = train_cli(tiny.overrides(tiny_data, resumed, *extra), tmp_path, stop_at_step=kill_at,
+                                   timeout=180)
     assert code == -signal.SIGKILL, f"run was not killed (exit {code}, last step {seen}):\n{output[-3000:]}"
     # (a kill between the two renames of a save leaves only last.pt.prev, which resume then uses)
     saved = resumed / "last.pt" if (resumed / "last.pt").exists() else resumed / "last.pt.prev"
@@ -131,8 +105,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tiny_data, tmp_path)
 @pytest.mark.slow
 def test_sigterm_saves_a_loadable_last_checkpoint(tiny, tiny_data, tmp_path):
     out = tmp_path / "run"
-    code, output, _ = _run_cli(tiny, tiny.overrides(tiny_data, out, "train.epochs=20"), tmp_path,
-                               stop_at_step=3, sig=signal.SIGTERM)
+    code, output, _ = train_cli(tiny.overrides(tiny_data, out, "train.epochs=20"), tmp_path, stop_at_step=3,
+                                sig=signal.SIGTERM, timeout=180)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped by SIGTERM at step" in output and "train.resume=auto" in output
     ckpt = load_checkpoint(out / "last.pt")
