@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from pipeline import faults
-from pipeline.cli import register_user_error
 from pipeline.config import Config, diff_keys, from_dict, to_dict
+from pipeline.errors import UserError
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,77 +32,28 @@ log = get_logger(__name__)
 PREV_SUFFIX = ".prev"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or incompatible; the message names the file."""
 
 
-register_user_error(CheckpointError)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict, keep_prev: bool = True) -> Path:
-    """Atomically write ``state`` to ``path``; with ``keep_prev`` the old file becomes ``path.prev``.
+    """Atomically write ``state`` to ``path`` (:func:`pipeline.io.atomic_write`, fsynced); with ``keep_prev``
+    the old file becomes ``path.prev``.
 
     An OSError (disk full, read-only or missing folder) becomes a CheckpointError naming the file; the
     previous checkpoint is then untouched. ``pipeline.faults`` can kill the process at each phase (tests).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     index = faults.next_save()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        faults.checkpoint_point("partial", index, tmp)
-        faults.checkpoint_point("written", index, tmp)
-        if keep_prev and path.exists():
-            os.replace(path, path.with_name(path.name + PREV_SUFFIX))
-        faults.checkpoint_point("swapped", index, tmp)
-        os.replace(tmp, path)
-        faults.checkpoint_point("renamed", index, tmp)
+        atomic_write(path, lambda fh: torch.save(state, fh), binary=True, fsync=True,
+                     keep_prev=PREV_SUFFIX if keep_prev else None,
+                     on_phase=lambda phase, tmp: faults.checkpoint_point(phase, index, tmp))
     except OSError as err:
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err} ({type(err).__name__}); "
                               f"{kept}. Free disk space or point train.out_dir to a writable folder") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
     return path
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files that a killed save of ``path`` left (their process is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp.*"):
-        pid = tmp.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            log.info("removing %s, left by an interrupted save", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def verify_zip_crc(path: Path) -> None:

@@ -16,16 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import CONF_DIR, Config, ConfigError, _unknown_key_message, _valid_keys, validate
+from pipeline.config import CONF_DIR, Config, ConfigError, is_section, unknown_key, validate
+from pipeline.errors import UserError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
-
-def register_user_error(exc: type[BaseException]) -> None:
-    """Modules with their own error type (DataError, CheckpointError...) register it here."""
-    global USER_ERRORS
-    if exc not in USER_ERRORS:
-        USER_ERRORS = USER_ERRORS + (exc,)
 
 
 def _groups() -> set[str]:
@@ -57,8 +50,6 @@ def _check_group_option(group: str, value: str) -> None:
 def check_overrides(args: list[str]) -> None:
     """Reject ``a.b=c`` overrides whose key is not in the schema, unknown group options (``model=nope``)
     and overrides Hydra cannot parse."""
-    from pipeline.config import Config as _C
-
     groups = _groups()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
@@ -70,18 +61,12 @@ def check_overrides(args: list[str]) -> None:
             _check_group_option(key, value.strip())
         if key.startswith("hydra.") or key == "hydra" or key in groups or "/" in key:
             continue
-        parts = key.split(".")
-        if parts[0] in groups and len(parts) > 1:
-            valid = _valid_keys(_C(), parts[:-1])
-            if parts[-1] not in valid and valid:
-                raise ConfigError(_unknown_key_message(key))
-            if not valid and len(parts) > 1 and parts[:-1] != parts[:1]:
-                # parent is not a section: walk up to the first unknown component
-                for i in range(1, len(parts)):
-                    if parts[i] not in _valid_keys(_C(), parts[:i]):
-                        raise ConfigError(_unknown_key_message(".".join(parts[: i + 1])))
-        elif parts[0] not in groups:
-            raise ConfigError(_unknown_key_message(key))
+        group = key.split(".")[0]
+        if group in groups and not is_section(group):
+            continue  # a group outside the schema (experiment.x=...): Hydra reports it
+        problem = unknown_key(key)
+        if problem:
+            raise ConfigError(problem)
 
 
 def expand_params_flag(argv: list[str]) -> list[str]:
@@ -130,7 +115,7 @@ def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Cal
                 try:
                     cfg = validate(raw)
                     result["code"] = fn(cfg)
-                except USER_ERRORS as err:
+                except UserError as err:  # every expected error; anything else is a bug
                     fail(str(err))
 
             _run()

@@ -20,6 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from pipeline.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 BACKBONE_CHANNELS = {  # ShuffleNetV2 stage output channels (stem, stage2, stage3, stage4), spec section 3
@@ -29,7 +31,7 @@ BACKBONE_CHANNELS = {  # ShuffleNetV2 stage output channels (stem, stage2, stage
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the offending key named in the message."""
 
 
@@ -257,6 +259,11 @@ def _valid_keys(schema: Any, path: list[str]) -> list[str]:
     return [f.name for f in fields(node)]
 
 
+def is_section(key: str) -> bool:
+    """``model.head`` -> True (a group of keys), ``model.head.reg_max`` -> False (a value)."""
+    return bool(_valid_keys(Config(), key.split(".")))
+
+
 def _unknown_key_message(full_key: str) -> str:
     parts = full_key.split(".")
     valid = _valid_keys(Config(), parts[:-1])
@@ -267,6 +274,17 @@ def _unknown_key_message(full_key: str) -> str:
     return f"Unknown config key '{full_key}'.{hint} Valid keys under {where}: {', '.join(valid)}."
 
 
+def unknown_key(key: str) -> str | None:
+    """THE unknown-key check (validation, command-line overrides, sweep files): None when every part of the
+    dotted ``key`` is in the schema, else the message for the first part that is not, with the closest
+    valid key ("Did you mean ...") and the valid keys at that level."""
+    parts = key.split(".")
+    for i in range(len(parts)):
+        if parts[i] not in _valid_keys(Config(), parts[:i]):
+            return _unknown_key_message(".".join(parts[: i + 1]))
+    return None
+
+
 def _check_unknown(node: Any, schema: Any, prefix: str) -> None:
     """Walk the user config and raise on the first key the schema lacks (with a suggestion)."""
     if not isinstance(node, DictConfig) or not is_dataclass(schema):
@@ -275,7 +293,7 @@ def _check_unknown(node: Any, schema: Any, prefix: str) -> None:
     for key in node:
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(_unknown_key_message(full))
+            raise ConfigError(unknown_key(full) or full)
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _check_unknown(child, getattr(schema, key), full + ".")
@@ -401,20 +419,20 @@ def compose(overrides: list[str] | None = None, config_name: str = "config", con
             raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
         except ConfigCompositionException as err:
             msg = str(err.__cause__ or err)
-            key = _key_from_override_error(msg, overrides or [])
-            if key:
-                raise ConfigError(_unknown_key_message(key)) from None
+            problem = _unknown_override(msg, overrides or [])
+            if problem:
+                raise ConfigError(problem) from None
             raise ConfigError(f"Could not compose the config with overrides {overrides}: {msg}") from None
     return validate(raw)
 
 
-def _key_from_override_error(msg: str, overrides: list[str]) -> str | None:
-    """The override key Hydra complained about, when it is not in the schema."""
+def _unknown_override(msg: str, overrides: list[str]) -> str | None:
+    """The unknown-key message for the override Hydra complained about, when its key is not in the schema."""
     for ov in overrides:
         key = ov.lstrip("+~").split("=", 1)[0]
-        parts = key.split(".")
-        if key in msg and parts[-1] not in _valid_keys(Config(), parts[:-1]):
-            return key
+        problem = unknown_key(key) if key in msg else None
+        if problem:
+            return problem
     return None
 
 

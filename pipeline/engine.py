@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import dist as pdist
-from pipeline.cli import register_user_error
 from pipeline.config import Config, ConfigError
+from pipeline.errors import UserError
 from pipeline.logging import get_logger
 from pipeline.optim import clip_gradients
 from pipeline.perf import check_cpu_bf16, run_with_fallback
@@ -35,11 +35,9 @@ FAULT_NAN_ENV = "NANODET_FAULT_NAN_STEPS"  # test hook: comma-separated global s
 FAULT_RANK_ENV = "NANODET_FAULT_RANK"  # ... only on this rank (default: every rank)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many consecutive non-finite steps: training diverged."""
 
-
-register_user_error(NonFiniteLossError)
 
 
 class StopFlag:

@@ -31,6 +31,7 @@ import torch
 from pipeline import dist
 from pipeline.cli import hydra_entry
 from pipeline.config import Config
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 from pipeline.metrics import (
     confusion_matrix,
@@ -60,16 +61,6 @@ class EvaluationInterrupted(Exception):
 
 def _interrupt(signum: int, _frame) -> None:
     raise EvaluationInterrupted(signum)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -196,25 +187,25 @@ def write_artifacts(out_dir: Path, coco, json_dir: Path, dets: list[dict], ev, m
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # an old one must not describe the new outputs
-    write_atomic(out_dir / "detections.json", json.dumps(dets))
+    atomic_write(out_dir / "detections.json", json.dumps(dets))
     curves = pr_curves(ev, class_names, iou=0.5)
     buf = io.StringIO(newline="")
     writer = csv.writer(buf)
     writer.writerow(["class", "recall", "precision"])
     for name, c in curves.items():
         writer.writerows([name, f"{r:.4f}", f"{p:.6f}"] for r, p in zip(c["recall"], c["precision"]))
-    write_atomic(out_dir / "pr_curves.csv", buf.getvalue())
+    atomic_write(out_dir / "pr_curves.csv", buf.getvalue())
     viz.plot_pr_curves(curves, figures / "pr_curves.png")
     per_dets, per_gts = per_image_from_coco(coco, dets)
     e = cfg.eval
     matrix = confusion_matrix(per_dets, per_gts, len(class_names), e.confusion_iou, e.confusion_score)
-    write_atomic(out_dir / "confusion_matrix.json", json.dumps({
+    atomic_write(out_dir / "confusion_matrix.json", json.dumps({
         "classes": class_names + ["background"], "rows": "ground truth", "columns": "predicted",
         "iou_thr": e.confusion_iou, "score_thr": e.confusion_score, "matrix": matrix.tolist()}, indent=1))
     viz.plot_confusion_matrix(matrix, class_names, figures / "confusion_matrix.png")
     write_prediction_grid(coco, json_dir, per_dets, per_gts, class_names, e.num_vis_images, e.confusion_score,
                           figures / "predictions.png")
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the set complete
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the set complete
     log.info("wrote metrics, curves, confusion matrix and predictions to %s", out_dir)
 
 

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.cli import hydra_entry, register_user_error
+from pipeline.cli import hydra_entry
 from pipeline.config import Config, config_hash
+from pipeline.errors import UserError
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 from pipeline.model.decode import decode_for_export, make_priors
 from pipeline.runtime import OnnxDetector, Preprocessing, TorchDetector, preprocess_batch
@@ -39,11 +41,9 @@ from pipeline.runtime import OnnxDetector, Preprocessing, TorchDetector, preproc
 log = get_logger("pipeline.export")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The exported model does not match PyTorch (or could not be written); the message says by how much."""
 
-
-register_user_error(ExportError)
 
 
 class ExportModule(nn.Module):
@@ -224,8 +224,7 @@ def export_model(cfg: Config) -> dict[str, Any]:
                             "onnxruntime": latency_stats(lambda: onnx_det.forward(one))}
     if e.int8:
         report["int8"] = export_int8(onnx_path, meta, cfg, map_onnx, one, report["latency_ms"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out_dir / "export.json", json.dumps(report, indent=2))
     if not report["map_diff"] <= e.map_tolerance:
         raise ExportError(f"ONNX mAP {map_onnx:.4f} differs from PyTorch mAP {map_torch:.4f} by "
                           f"{report['map_diff']:.4f} (> export.map_tolerance={e.map_tolerance}); see {out_dir}/export.json")

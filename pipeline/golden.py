@@ -27,6 +27,7 @@ from pipeline.config import (
     ModelConfig,
     NeckConfig,
 )
+from pipeline.errors import UserError
 from pipeline.model import build_model
 from pipeline.model.assigner import DynamicSoftLabelAssigner, build_targets
 from pipeline.model.criterion import LOSS_KEYS, NanoDetPlusLoss
@@ -39,7 +40,7 @@ GRAD_TOL = {"head": 1e-3, "aux_head": 1e-3, "backbone": 5e-2, "fpn": 5e-2, "aux_
 GRAD_NOISE = 1e-6  # gradient norms below this fraction of the largest are rounding noise
 
 
-class GoldenError(ValueError):
+class GoldenError(UserError, ValueError):
     """A golden file that cannot be read or describes a model this package cannot build."""
 
 

@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli import hydra_entry, register_user_error
+from pipeline.cli import hydra_entry
 from pipeline.data.formats import read_coco, read_coco_split, read_voc, read_yolo
 from pipeline.data.generate import SHAPES, generate_dataset
 from pipeline.data.validate import DataError, Issues, check_splits, validate_split
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
-
-register_user_error(DataError)
 log = get_logger("prepare")
 
 SIZE_EDGES = [0, 8, 16, 32, 64, 128, 256, 100000]  # sqrt(box area) in pixels
@@ -167,9 +166,7 @@ def _relocatable(coco: dict, out: Path) -> dict:
 
 
 def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=indent))
 
 
 def prepare(cfg: Any) -> dict:

@@ -18,18 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cli import register_user_error
 from pipeline.config import Config, from_dict, to_dict
+from pipeline.errors import UserError
 from pipeline.model.decode import Detections, make_priors, multiclass_nms, postprocess
 
 TORCH_SUFFIXES = (".pt", ".pth")
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """A model file that is missing or cannot run as asked; the message names the file and the fix."""
 
-
-register_user_error(InferenceError)
 
 
 @dataclass(frozen=True)

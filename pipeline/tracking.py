@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, to_dict
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
@@ -269,13 +270,14 @@ def append_plot_row(path: Path, row: dict[str, Any], key: str = "epoch") -> None
             rows = [r for r in csv.DictReader(fh) if float(r.get(key, "nan")) < float(row[key])]
     columns = list(rows[0].keys()) if rows else list(row.keys())
     columns += [c for c in row if c not in columns]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+
+    def write(fh) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for r in rows + [{k: _fmt(v) for k, v in row.items()}]:
             writer.writerow(r)
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def _fmt(v: Any) -> Any:
@@ -285,10 +287,7 @@ def _fmt(v: Any) -> Any:
 def write_metrics_json(path: Path, data: dict[str, Any]) -> None:
     """DVC metrics file (plain numbers and a per-class dict); replaced atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _finite(v: Any) -> Any:

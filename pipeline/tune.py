@@ -32,6 +32,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import CONF_DIR, compose
+from pipeline.errors import UserError
 from pipeline.logging import get_logger
 from pipeline.tune_results import (
     add_model_costs,
@@ -252,15 +253,13 @@ def write_report(sweep: Any, args: Args, grid: Any, user_overrides: list[str], o
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import USER_ERRORS
-
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
     try:
         return run_sweep(parse_args(argv))
-    except (SweepError, *USER_ERRORS) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

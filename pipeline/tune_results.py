@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from pipeline.config import CONF_DIR, Config, ConfigError, compose, config_hash, to_dict
+from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 from pipeline.tune_space import SweepError, expand_sample, format_value, sample_overrides
 from pipeline.tune_trial import TIME_ATTR
@@ -271,8 +272,5 @@ def write_best_experiment(path: Path, best: Config, base_exp: str | None, compos
     text += yaml.safe_dump({"defaults": defaults}, sort_keys=False, default_flow_style=False)
     if body:
         text += yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
     return path

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import CONF_DIR, Config, ConfigError, _unknown_key_message, _valid_keys, compose
+from pipeline.config import CONF_DIR, ConfigError, compose, is_section, unknown_key
+from pipeline.errors import UserError
 
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 MAX_COMBINATIONS = 512  # ~0.1 s per compose: beyond this the up-front check takes minutes
@@ -34,7 +35,7 @@ _KEY = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 _DERIVED = re.compile(rf"^\s*(?:({_NUM})\s*\*\s*)?({_KEY})(?:\s*\*\s*({_NUM}))?\s*$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A problem with a sweep file or its search space; the message names the file, key and value."""
 
 
@@ -99,13 +100,12 @@ def _number(sweep: Sweep, key: str, value: Any, kind: type, low: float, allow_no
 
 def config_key_error(key: str) -> str | None:
     """None when ``key`` is a config key (or a config group such as ``model``), else the reason."""
-    parts = key.split(".")
-    if len(parts) == 1 and (CONF_DIR / key).is_dir():
+    if "." not in key and (CONF_DIR / key).is_dir():
         return None
-    for i in range(len(parts)):
-        if parts[i] not in _valid_keys(Config(), parts[:i]):
-            return _unknown_key_message(".".join(parts[: i + 1]))
-    if _valid_keys(Config(), parts):  # a whole section, e.g. model.head
+    problem = unknown_key(key)
+    if problem:
+        return problem
+    if is_section(key):  # a whole section, e.g. model.head
         return f"'{key}' is a config section, not a value; sample one of its keys"
     return None
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import register_user_error
+from pipeline.errors import UserError
 from pipeline.logging import get_logger
 
 log = get_logger("data.validate")
@@ -32,11 +32,8 @@ log = get_logger("data.validate")
 MAX_EXAMPLES = 50  # messages kept per issue code in the report (counts are always exact)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem that stops preparation; the message names the file/id/line and the fix."""
-
-
-register_user_error(DataError)  # every entry point (train, evaluate...) prints it as one line, exit 2
 
 
 class Issues:

@@ -13,7 +13,6 @@ CLI: ``python -m pipeline.model.official --checkpoint SRC --out OUT.pt [override
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.cli import register_user_error
+from pipeline.errors import UserError
+from pipeline.io import atomic_write
 
 AUX_PREFIXES = ("aux_fpn.", "aux_head.")
 
 
-class OfficialWeightsError(ValueError):
+class OfficialWeightsError(UserError, ValueError):
     """The file cannot be read safely, or its tensors do not fit the configured model."""
-
-
-register_user_error(OfficialWeightsError)  # one line and exit code 2 at the command line
 
 
 @dataclass
@@ -169,11 +166,9 @@ def convert(checkpoint: str | Path, out: str | Path, overrides: list[str]) -> Im
         load_official_weights(model, checkpoint, prefer_ema=False)
         trained = model.state_dict()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"model": trained, "ema": ema, "config": to_dict(cfg), "epoch": 0, "step": 0,
-                "imported_from": str(checkpoint)}, tmp)
-    os.replace(tmp, out)
+    state = {"model": trained, "ema": ema, "config": to_dict(cfg), "epoch": 0, "step": 0,
+             "imported_from": str(checkpoint)}
+    atomic_write(out, lambda fh: torch.save(state, fh), binary=True)
     return report
 
 

@@ -12,19 +12,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.cli import register_user_error
 from pipeline.config import BACKBONE_CHANNELS
+from pipeline.errors import UserError
 from pipeline.model.layers import DepthwiseConv2d, activation
 
 STAGE_REPEATS = (4, 8, 4)
 TORCHVISION_ONLY = ("conv5.", "fc.")  # torchvision's head layers, which NanoDet does not use
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
     """The ImageNet backbone file is missing, unreadable or does not fit the configured width."""
-
-
-register_user_error(PretrainedWeightsError)  # one line and exit code 2 at the command line
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

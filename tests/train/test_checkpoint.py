@@ -9,7 +9,6 @@ import pytest
 import torch
 from testkit import TINY_MODEL
 
-from pipeline import cli
 from pipeline.checkpoint import (
     CheckpointError,
     check_model_config,
@@ -20,6 +19,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import compose, to_dict
+from pipeline.errors import UserError
 
 
 class Payload:  # a pickled object: never loaded
@@ -44,7 +44,7 @@ def pipeline_log(caplog):
 
 
 def test_checkpoint_error_is_a_user_error():
-    assert CheckpointError in cli.USER_ERRORS
+    assert issubclass(CheckpointError, UserError)  # the entry points catch UserError once
 
 
 def test_atomic_save_keeps_previous_and_leaves_no_temp(tmp_path):
