@@ -16,9 +16,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
 from pipeline.config import CONF_DIR, Config, ConfigError, is_section, unknown_key, validate
 from pipeline.errors import UserError
-
 
 
 def _groups() -> set[str]:
@@ -27,9 +30,6 @@ def _groups() -> set[str]:
 
 def _check_syntax(arg: str) -> None:
     """Hydra's override grammar, checked here so that a typo is one line and exit code 2."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     try:
         OverridesParser.create().parse_overrides([arg])
     except OverrideParseException as err:
@@ -97,8 +97,6 @@ def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Cal
     def decorate(fn: Callable[[Config], int | None]) -> Callable[[], None]:
         @functools.wraps(fn)
         def main() -> None:
-            import hydra
-
             os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             try:

@@ -7,6 +7,7 @@ Dataclass defaults equal the official NanoDet-Plus-m 320 recipe (spec section 1)
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import itertools
@@ -408,10 +409,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "config", con
 
     Used by tests, Ray trials and anything that is not itself a Hydra entry point.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException
+    from hydra import compose as hydra_compose  # hydra only to compose: the schema alone imports fast
+    from hydra import initialize_config_dir  # (hydra: see above)
+    from hydra.core.global_hydra import GlobalHydra  # (hydra: see above)
+    from hydra.errors import ConfigCompositionException  # (hydra: see above)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(config_dir or CONF_DIR).resolve()), version_base="1.3"):
@@ -501,8 +502,6 @@ register_resolvers()
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Write conf/schema.yaml and params.yaml from the schema.")
     parser.add_argument("--write", action="store_true", help="rewrite conf/schema.yaml and params.yaml")
     args = parser.parse_args(argv)

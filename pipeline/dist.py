@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ConfigError  # a user error: one line, exit code 2
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -44,8 +46,6 @@ def select_device(requested: str = "auto") -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            from pipeline.config import ConfigError  # a user error: one line, exit code 2
-
             raise ConfigError(f"train.device={requested!r} but CUDA is not available here; use train.device=cpu")
         if requested == "cuda":
             requested = f"cuda:{get_local_rank()}"
@@ -70,7 +70,7 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> bool:
         kwargs["device_id"] = device
     # torchrun --max-restarts: the restarted workers meet in the same agent store as the failed attempt, whose
     # keys (e.g. the dead rank's gloo address) are still there; a prefix per attempt keeps them apart
-    from torch.distributed.rendezvous import rendezvous
+    from torch.distributed.rendezvous import rendezvous  # needs a torch built with distributed support
 
     store, rank, world_size = next(rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

@@ -14,6 +14,9 @@ Nothing here runs unless one of these variables is set; never set them outside t
     on SIGTERM).
 ``NANODET_FAULT_KILL_RANK="<r>"``
     restrict the step fault to this torchrun rank (default: every rank).
+``NANODET_FAULT_NAN_STEPS="<k1>,<k2>"`` (with ``NANODET_FAULT_RANK="<r>"``)
+    the loss of these global training steps becomes NaN (on rank r only, when given): the non-finite
+    step skipping and divergence stop.
 ``NANODET_FAULT_ONCE="<path>"``
     the step fault fires only when ``<path>`` does not exist yet, and creates it just before firing,
     so that the restarted job (``torchrun --max-restarts``) runs clean.
@@ -83,3 +86,16 @@ def step_end(step: int, rank: int) -> None:
         while True:
             time.sleep(3600)
     _die()
+
+
+NAN_STEPS_ENV = "NANODET_FAULT_NAN_STEPS"  # comma-separated global steps whose loss becomes NaN
+NAN_RANK_ENV = "NANODET_FAULT_RANK"  # ... only on this rank (default: every rank)
+
+
+def nan_steps(rank: int) -> set[int]:
+    """``NANODET_FAULT_NAN_STEPS``: the global training steps whose loss this rank turns into NaN."""
+    raw = os.environ.get(NAN_STEPS_ENV, "").strip()
+    want_rank = os.environ.get(NAN_RANK_ENV)
+    if not raw or (want_rank is not None and int(want_rank) != rank):
+        return set()
+    return {int(s) for s in raw.split(",") if s.strip()}

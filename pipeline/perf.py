@@ -1,5 +1,5 @@
-"""Training speed: CPU features, the memory-format policy for mixed precision, torch.compile with an
-eager fallback, and the FLOP count of a training step.
+"""Speed policy and measurement: CPU features, the mixed-precision (AMP) policy, the memory-format policy,
+torch.compile with an eager fallback, and the one latency timer (bench, export verification).
 
 The choices here were measured with ``python -m pipeline.bench train`` on a 2-core AVX512-BF16 CPU
 (README "Performance"): channels_last speeds up the ShuffleNetV2/GhostPAN part; under bfloat16 autocast
@@ -8,15 +8,19 @@ in float32 (pipeline.model.layers.DepthwiseConv2d keeps them there).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
@@ -76,7 +80,7 @@ def apply_memory_format(model: nn.Module, channels_last: bool, amp_dtype: torch.
 class CompileFallback(nn.Module):
     """``torch.compile(module)`` that turns into plain ``module`` (with a warning) when compiling fails.
 
-    The eager module is the registered child ``_orig_mod`` (so ``engine.unwrap``, ``train()``/``eval()``
+    The eager module is the registered child ``_orig_mod`` (so ``train.step.unwrap``, ``train()``/``eval()``
     and ``state_dict`` see exactly the eager one); the compiled callable shares its parameters.
     Forward-time failures are caught here; the backward graph is compiled at the first backward, so
     the training step wraps forward + backward in :func:`run_with_fallback`.
@@ -126,17 +130,50 @@ def run_with_fallback(module: nn.Module, step: Callable[[], T]) -> T:
     return out
 
 
-# ------------------------------------------------------------------------------------------- FLOPs
-def training_flops(model: nn.Module, input_hw: tuple[int, int]) -> dict[str, float]:
-    """Per-image conv/linear FLOPs (2 x MACs) of the training forward (with aux) and of a training step.
+# ----------------------------------------------------------------------------------------- AMP
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` -> autocast dtype (None = fp32).
 
-    The step counts 3x the forward: the backward computes a gradient for the input and one for the
-    weights, each as costly as the forward (the usual convention; the first conv's input gradient,
-    not needed, is included).
-    """
-    from pipeline.model.summary import count_macs
+    auto: off on CPU, bf16 on CUDA when supported, else fp16 (with a GradScaler)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a CUDA device (float16 training relies on a GradScaler); "
+                          "use train.amp=bf16 or train.amp=off on CPU")
+    if mode == "bf16" and device.type == "cpu":
+        check_cpu_bf16()
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
-    raw = model
-    forward = 2.0 * sum(count_macs(raw, input_hw, train_graph=True).values())
-    inference = 2.0 * sum(count_macs(raw, input_hw, train_graph=False).values())
-    return {"forward_train_flops": forward, "train_step_flops": 3.0 * forward, "inference_flops": inference}
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int = 1,
+               sync: Callable[[], None] | None = None) -> list[float]:
+    """THE latency timer: wall-clock seconds of each of ``iters`` calls of ``fn()`` after ``warmup`` untimed
+    calls; ``sync()`` (e.g. a CUDA synchronize) ends each call."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+    runs = []
+    for _ in range(max(1, iters)):
+        start = time.perf_counter()
+        fn()
+        sync()
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def latency_stats(fn: Callable[[], Any], warmup: int = 3, iters: int = 20) -> dict[str, float]:
+    """Wall-clock milliseconds of ``fn()`` (under no_grad): p50, p90 and mean over ``iters`` runs after ``warmup``."""
+    with torch.no_grad():
+        runs = [1e3 * s for s in time_calls(fn, iters, warmup)]
+    return {"p50_ms": float(np.percentile(runs, 50)), "p90_ms": float(np.percentile(runs, 90)),
+            "mean_ms": float(np.mean(runs)), "iters": iters}

@@ -1,6 +1,6 @@
 """DetectionDataset over a prepared COCO json, and the collate that builds the ground-truth batch.
 
-Batch contract (consumed by the loss and the engine)::
+Batch contract (consumed by the loss and the training step)::
 
     {"images":    float32 [B, 3, H, W] normalised,
      "gt_boxes":  float32 [B, G, 4] xyxy in network-input pixels (zero rows where padded),
@@ -65,6 +65,17 @@ def load_records(json_path: Path, class_names: Sequence[str]) -> tuple[list[Reco
     return records, names
 
 
+def check_prepared(json_path: Path, cfg: Any) -> tuple[list[Record], list[str]]:
+    """A prepared split's records and class names, checked against ``data.class_names`` and
+    ``model.num_classes`` (DataError naming the file and the fix)."""
+    records, class_names = load_records(Path(json_path), list(cfg.data.class_names))
+    if len(class_names) != int(cfg.model.num_classes):
+        raise DataError(f"'{json_path}' has {len(class_names)} classes {class_names} but "
+                        f"model.num_classes={cfg.model.num_classes}; re-run `python -m pipeline.prepare` with "
+                        "this config or set model.num_classes")
+    return records, class_names
+
+
 class DetectionDataset(Dataset):
     """Items: (image float32 [3, h, w], boxes float32 [k, 4] network-input xyxy, labels int64 [k], meta).
 
@@ -75,11 +86,7 @@ class DetectionDataset(Dataset):
     def __init__(self, json_path: str | Path, cfg: Any, train: bool, seed: int | None = None):
         d = cfg.data
         self.json_path = Path(json_path)
-        self.records, self.class_names = load_records(self.json_path, list(d.class_names))
-        if len(self.class_names) != int(cfg.model.num_classes):
-            raise DataError(f"'{self.json_path}' has {len(self.class_names)} classes {self.class_names} but "
-                            f"model.num_classes={cfg.model.num_classes}; re-run `python -m pipeline.prepare` with "
-                            "this config or set model.num_classes")
+        self.records, self.class_names = check_prepared(self.json_path, cfg)
         self.train = train
         self.input_size = (int(d.input_size[0]), int(d.input_size[1]))
         self.keep_ratio, self.mean, self.std = bool(d.keep_ratio), list(d.mean), list(d.std)

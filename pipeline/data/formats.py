@@ -19,10 +19,18 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline.data.validate import DataError, Issues
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def prepared_json(cfg: Any, split: str) -> Path:
+    """THE path of a prepared split: ``<data.prepared_dir>/<split>.json`` (written by pipeline.prepare)."""
+    return Path(cfg.data.prepared_dir) / f"{split}.json"
 
 
 def load_json(path: Path) -> dict:
@@ -153,8 +161,6 @@ def yolo_class_names(root: Path, class_names: Sequence[str], issues: Issues) -> 
         from_file = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
         source = root / "classes.txt"
     elif (root / "data.yaml").is_file():
-        import yaml
-
         try:
             names = (yaml.safe_load((root / "data.yaml").read_text()) or {}).get("names")
         except yaml.YAMLError as err:

@@ -11,7 +11,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker
 
 from pipeline import dist
 from pipeline.data.dataset import DetectionDataset, collate
+from pipeline.data.formats import prepared_json
+from pipeline.data.transforms import read_image
 from pipeline.logging import get_logger
 
 log = get_logger("data.loader")
@@ -101,10 +102,6 @@ def _worker_init(worker_id: int) -> None:
         info.dataset.reseed(seed)
 
 
-def prepared_json(cfg: Any, split: str) -> Path:
-    return Path(cfg.data.prepared_dir) / f"{split}.json"
-
-
 def build_loader(cfg: Any, split: str, train: bool, distributed: bool) -> DetectionLoader:
     """Loader over ``<data.prepared_dir>/<split>.json``.
 
@@ -167,8 +164,6 @@ def bench_data(cfg: Any, num_batches: int = 20, split: str = "train") -> dict:
 
 
 def _stage_times(dataset: DetectionDataset, n: int) -> dict[str, float]:
-    from pipeline.data.transforms import read_image
-
     t_read = t_aug = 0.0
     for rec in dataset.records[:n]:
         t0 = time.perf_counter()
@@ -186,5 +181,4 @@ __all__ = [
     "bench_data",
     "build_loader",
     "multi_scale_size",
-    "prepared_json",
 ]

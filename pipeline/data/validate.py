@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from pipeline.errors import UserError
 from pipeline.logging import get_logger
 
@@ -101,8 +103,6 @@ def image_header(path: Path) -> tuple[int, int, str]:
     Reads the header only (and decodes JPEG/PNG files whose end marker is missing, to catch truncation).
     Raises OSError / ValueError when the file is not a readable image.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         w, h, mode = *im.size, im.mode
         try:

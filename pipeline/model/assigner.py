@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.model.decode import bbox2distance
+from pipeline.model.decode import bbox2distance, priors_for
 from pipeline.model.losses import bbox_overlaps
 
 _INF = 100000000.0  # official "max_overlaps" fill of non-foreground priors is -INF
@@ -237,11 +237,9 @@ def bench_assign(batch: int = 16, num_gt: int = 10, input_hw: tuple[int, int] = 
     Random logits, random predicted boxes around the priors, ``num_gt`` random GT boxes per image.
     Returns milliseconds per batch (median of ``repeats``) and whether both gave the same assignment.
     """
-    from pipeline.model.decode import make_priors
-
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    priors = make_priors(input_hw, strides, device=dev)
+    priors = priors_for(input_hw, strides, device=dev)
     num_priors = priors.shape[0]
     height, width = input_hw
     logits = (torch.randn(batch, num_priors, num_classes, generator=gen) * 2 - 3).to(dev)

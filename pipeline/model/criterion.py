@@ -13,7 +13,7 @@ from torch import Tensor
 from pipeline.config import ModelConfig
 from pipeline.dist import reduce_mean
 from pipeline.model.assigner import DynamicSoftLabelAssigner, Targets, build_targets
-from pipeline.model.decode import decode_boxes, make_priors
+from pipeline.model.decode import decode_boxes, num_bins, priors_for
 from pipeline.model.losses import distribution_focal_loss, giou_loss_masked, quality_focal_loss
 
 LOSS_KEYS = ("loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_loss_bbox", "aux_loss_dfl")
@@ -23,8 +23,8 @@ class NanoDetPlusLoss:
     """``loss(head_out, aux_out, gt_boxes, gt_labels, gt_valid, priors) -> (total, terms, targets)``."""
 
     def __init__(self, cfg_model: ModelConfig):
+        # reg_max is not read here: the head owns it, and every output carries it (width C + 4(R+1))
         self.num_classes = cfg_model.num_classes
-        self.reg_max = cfg_model.head.reg_max
         self.strides = list(cfg_model.head.strides)
         self.qfl_beta = cfg_model.loss.qfl_beta
         self.qfl_weight = cfg_model.loss.qfl_weight
@@ -41,7 +41,7 @@ class NanoDetPlusLoss:
         Returns the total loss (main + aux), detached 0-dim terms (``LOSS_KEYS`` plus ``num_pos``, the
         local positive count) and the targets.
         """
-        self._check(head_out, aux_out, gt_boxes, gt_labels, gt_valid, priors)
+        reg_max = self._check(head_out, aux_out, gt_boxes, gt_labels, gt_valid, priors)
         # device-side check (no host sync on CUDA): a label outside [0, C) would silently become background
         in_range = (gt_labels >= 0) & (gt_labels < self.num_classes)
         torch._assert_async((in_range | ~gt_valid).all(),
@@ -49,14 +49,13 @@ class NanoDetPlusLoss:
                             f"do not match model.num_classes={self.num_classes}")
         with torch.autocast(head_out.device.type, enabled=False):
             priors = priors.float()
-            head = self._split(head_out.float(), priors)
-            aux = self._split(aux_out.float(), priors) if aux_out is not None else None
+            head = self._split(head_out.float(), priors, reg_max)
+            aux = self._split(aux_out.float(), priors, reg_max) if aux_out is not None else None
             guide = aux if aux is not None else head
             with torch.no_grad():
                 assigned = self.assigner.assign(guide[0].detach(), priors, guide[2].detach(), gt_boxes.float(),
                                                 gt_labels, gt_valid)
-                targets = build_targets(assigned, priors, gt_boxes.float(), gt_labels, self.num_classes,
-                                        self.reg_max)
+                targets = build_targets(assigned, priors, gt_boxes.float(), gt_labels, self.num_classes, reg_max)
                 # avg factor of QFL: positives over the local batch, cross-rank mean (see reduce_mean)
                 num_pos = targets.num_pos.sum()
                 num_total = reduce_mean(num_pos.float()).clamp(min=1.0)
@@ -70,17 +69,17 @@ class NanoDetPlusLoss:
 
     def priors(self, input_hw: tuple[int, int], device=None) -> Tensor:
         """Center priors ``[N, 4]`` of an ``(H, W)`` network input for this model's strides."""
-        return make_priors(input_hw, self.strides, device=device)
+        return priors_for(input_hw, self.strides, device=device)
 
-    def _split(self, out: Tensor, priors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, out: Tensor, priors: Tensor, reg_max: int) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, N, D]`` -> class logits ``[B, N, C]``, bin logits ``[B, N, 4(R+1)]``, boxes ``[B, N, 4]``."""
-        cls_logits, reg_logits = out.split([self.num_classes, 4 * (self.reg_max + 1)], dim=-1)
-        return cls_logits, reg_logits, decode_boxes(reg_logits, priors, self.reg_max)
+        cls_logits, reg_logits = out.split([self.num_classes, num_bins(reg_max)], dim=-1)
+        return cls_logits, reg_logits, decode_boxes(reg_logits, priors, reg_max)
 
     def _head_loss(self, cls_logits: Tensor, reg_logits: Tensor, boxes: Tensor, targets: Targets,
                    num_total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """QFL, GIoU and DFL of one head against the shared targets (official ``_get_loss_from_assign``)."""
-        num_bins = self.reg_max + 1
+        bins_per_side = reg_logits.shape[-1] // 4  # R + 1
         loss_qfl = quality_focal_loss(cls_logits.reshape(-1, self.num_classes), targets.labels.reshape(-1),
                                       targets.label_scores.reshape(-1), targets.label_weights.reshape(-1),
                                       avg_factor=num_total, beta=self.qfl_beta, loss_weight=self.qfl_weight)
@@ -96,21 +95,26 @@ class NanoDetPlusLoss:
         loss_bbox = giou_loss_masked(boxes.reshape(-1, 4), box_target.reshape(-1, 4), weight.reshape(-1),
                                      avg_factor=bbox_avg, loss_weight=self.giou_weight)
         # negatives have dist target 0 (finite CE) and weight 0
-        loss_dfl = distribution_focal_loss(reg_logits.reshape(-1, num_bins), targets.dist_targets.reshape(-1),
+        loss_dfl = distribution_focal_loss(reg_logits.reshape(-1, bins_per_side), targets.dist_targets.reshape(-1),
                                            weight[..., None].expand(-1, -1, 4).reshape(-1),
                                            avg_factor=4.0 * bbox_avg, loss_weight=self.dfl_weight)
         return loss_qfl, loss_bbox, loss_dfl
 
-    def _check(self, head_out, aux_out, gt_boxes, gt_labels, gt_valid, priors) -> None:
-        width = self.num_classes + 4 * (self.reg_max + 1)
+    def _check(self, head_out, aux_out, gt_boxes, gt_labels, gt_valid, priors) -> int:
+        """Shapes of the outputs and the ground truth; returns the heads' reg_max (from the output width)."""
+        bins = head_out.shape[-1] - self.num_classes
+        reg_max = bins // 4 - 1
+        width = self.num_classes + num_bins(max(reg_max, 1))
         for name, out in (("head_out", head_out), ("aux_out", aux_out)):
-            if out is not None and (out.dim() != 3 or out.shape[-1] != width or out.shape[1] != priors.shape[0]):
-                raise ValueError(f"{name} has shape {tuple(out.shape)}; expected [B, {priors.shape[0]}, {width}] "
-                                 f"(priors, model.num_classes={self.num_classes}, "
-                                 f"model.head.reg_max={self.reg_max})")
+            if out is not None and (out.dim() != 3 or bins % 4 or reg_max < 1 or out.shape[-1] != width
+                                    or out.shape[1] != priors.shape[0]):
+                raise ValueError(f"{name} has shape {tuple(out.shape)}; expected [B, {priors.shape[0]}, "
+                                 f"{self.num_classes} + 4 * (reg_max + 1)] (priors, "
+                                 f"model.num_classes={self.num_classes}, the head's reg_max)")
         batch, num_gt = gt_valid.shape if gt_valid.dim() == 2 else (-1, -1)
         if (gt_boxes.shape != (batch, num_gt, 4) or gt_labels.shape != (batch, num_gt)
                 or batch != head_out.shape[0] or gt_valid.dtype != torch.bool):
             raise ValueError(f"ground truth must be gt_boxes [B, G, 4], gt_labels [B, G], gt_valid [B, G] bool "
                              f"with B = {head_out.shape[0]}; got {tuple(gt_boxes.shape)}, "
                              f"{tuple(gt_labels.shape)}, {tuple(gt_valid.shape)} {gt_valid.dtype}")
+        return reg_max

@@ -11,6 +11,7 @@ Conventions (spec section 5, golden README):
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -44,6 +45,24 @@ def make_priors(input_hw: Sequence[int], strides: Sequence[int], device=None) ->
     return torch.cat(levels, dim=0)
 
 
+def num_bins(reg_max: int) -> int:
+    """Channels of the box branch: 4 sides x (reg_max + 1) distribution bins."""
+    return 4 * (reg_max + 1)
+
+
+def priors_for(input_hw: Sequence[int], strides: Sequence[int], device=None) -> Tensor:
+    """THE priors cache: :func:`make_priors` computed once per (H, W), strides and device, then shared by
+    training, validation, inference, export and bench. Read-only: never modify the returned tensor."""
+    dev = str(torch.device(device)) if device is not None else "cpu"
+    return _cached_priors((int(input_hw[0]), int(input_hw[1])), tuple(int(s) for s in strides), dev)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_priors(input_hw: tuple[int, int], strides: tuple[int, ...], device: str) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+        return make_priors(input_hw, strides, device=device)
+
+
 def integral(reg_logits: Tensor, project: Tensor) -> Tensor:
     """Expected distance per side: ``[..., 4(R+1)] -> [..., 4]`` in bins (stride units).
 
@@ -69,7 +88,14 @@ class Integral(nn.Module):
 
 
 def _project(reg_max: int, like: Tensor) -> Tensor:
-    return torch.linspace(0, reg_max, reg_max + 1, dtype=torch.float32, device=like.device)
+    """The projection ``[0, 1, ..., R]`` on ``like``'s device, computed once per (R, device)."""
+    return _cached_project(int(reg_max), str(like.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_project(reg_max: int, device: str) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.linspace(0, reg_max, reg_max + 1, dtype=torch.float32, device=device)
 
 
 def distance2bbox(points: Tensor, distance: Tensor, max_shape: Sequence[int] | None = None) -> Tensor:
@@ -109,20 +135,20 @@ def decode_boxes(reg_logits: Tensor, priors: Tensor, reg_max: int) -> Tensor:
 
 
 def _check_bins(width: int, reg_max: int, name: str) -> None:
-    if width != 4 * (reg_max + 1):
-        raise ValueError(f"{name} has {width} channels but 4 * (reg_max + 1) = {4 * (reg_max + 1)} "
+    if width != num_bins(reg_max):
+        raise ValueError(f"{name} has {width} channels but 4 * (reg_max + 1) = {num_bins(reg_max)} "
                          f"(reg_max={reg_max}); check model.head.reg_max")
 
 
 def _split(head_out: Tensor, priors: Tensor, num_classes: int, reg_max: int) -> tuple[Tensor, Tensor]:
-    width = num_classes + 4 * (reg_max + 1)
+    width = num_classes + num_bins(reg_max)
     if head_out.dim() != 3 or head_out.shape[-1] != width:
         raise ValueError(f"head output has shape {tuple(head_out.shape)}; expected [B, N, {width}] for "
                          f"num_classes={num_classes}, reg_max={reg_max}")
     if head_out.shape[1] != priors.shape[0]:
         raise ValueError(f"head output has {head_out.shape[1]} points but there are {priors.shape[0]} "
                          "priors: input size or strides differ between model and decoder")
-    return head_out.split([num_classes, 4 * (reg_max + 1)], dim=-1)
+    return head_out.split([num_classes, num_bins(reg_max)], dim=-1)
 
 
 class Detections(NamedTuple):

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pipeline.model.decode import Integral
+from pipeline.model.decode import Integral, num_bins
 from pipeline.model.layers import ConvModule, DepthwiseConvModule, Scale, normal_init
 
 PRIOR_PROB_BIAS = -4.595  # ~ -ln((1 - 0.01) / 0.01): sigmoid = 0.01 at init (focal-loss prior)
@@ -47,7 +47,7 @@ class NanoDetPlusHead(nn.Module):
             ])
             for _ in self.strides
         ])
-        out_channels = num_classes + 4 * (reg_max + 1)
+        out_channels = num_classes + num_bins(reg_max)
         self.gfl_cls = nn.ModuleList([nn.Conv2d(feat_channels, out_channels, 1) for _ in self.strides])
         self._init_weights()
 
@@ -92,7 +92,7 @@ class SimpleConvHead(nn.Module):
             self.cls_convs.append(ConvModule(chn, feat_channels, 3, padding=1, norm="gn", num_groups=num_groups))
             self.reg_convs.append(ConvModule(chn, feat_channels, 3, padding=1, norm="gn", num_groups=num_groups))
         self.gfl_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
-        self.gfl_reg = nn.Conv2d(feat_channels, 4 * (reg_max + 1), 3, padding=1)
+        self.gfl_reg = nn.Conv2d(feat_channels, num_bins(reg_max), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
         self._init_weights()
 

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError, compose, to_dict
 from pipeline.errors import UserError
 from pipeline.io import atomic_write
+from pipeline.model.decode import num_bins
+from pipeline.model.detector import build_model
 
 AUX_PREFIXES = ("aux_fpn.", "aux_head.")
 
@@ -100,7 +103,7 @@ def _architecture_hint(state: dict[str, torch.Tensor]) -> str:
     if project is None or out is None:
         return ""
     reg_max = project.numel() - 1
-    num_classes = out.shape[0] - 4 * (reg_max + 1)
+    num_classes = out.shape[0] - num_bins(reg_max)
     levels = len({k.split(".")[2] for k in state if k.startswith("head.gfl_cls.")})
     return (f" The checkpoint looks like model.num_classes={num_classes}, model.head.reg_max={reg_max} with "
             f"{levels} head levels; set the config to match (or fine-tune from a checkpoint that does).")
@@ -154,9 +157,6 @@ def convert(checkpoint: str | Path, out: str | Path, overrides: list[str]) -> Im
     ``model`` gets the trained weights (``model.*``) and ``ema`` the EMA weights (``avg_model.*``) when
     the file has both; otherwise both hold the one set of weights in the file.
     """
-    from pipeline.config import compose, to_dict
-    from pipeline.model.detector import build_model
-
     cfg = compose(overrides)
     model = build_model(cfg.model, with_aux=True)
     report = load_official_weights(model, checkpoint, prefer_ema=True)
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the converted checkpoint (.pt)")
     parser.add_argument("overrides", nargs="*", help="Hydra-style config overrides, e.g. model.num_classes=80")
     args = parser.parse_args(argv)
-    from pipeline.config import ConfigError
-
     try:
         report = convert(args.checkpoint, args.out, args.overrides)
     except (OfficialWeightsError, ConfigError) as err:

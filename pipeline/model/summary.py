@@ -104,3 +104,17 @@ def format_summary(report: dict[str, Any]) -> str:
          f"(MACs {report['macs_inference'] / 1e9:.3f}G)"),
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def training_flops(model: nn.Module, input_hw: tuple[int, int]) -> dict[str, float]:
+    """Per-image conv/linear FLOPs (2 x MACs) of the training forward (with aux) and of a training step.
+
+    The step counts 3x the forward: the backward computes a gradient for the input and one for the
+    weights, each as costly as the forward (the usual convention; the first conv's input gradient,
+    not needed, is included).
+    """
+    raw = model
+    forward = 2.0 * sum(count_macs(raw, input_hw, train_graph=True).values())
+    inference = 2.0 * sum(count_macs(raw, input_hw, train_graph=False).values())
+    return {"forward_train_flops": forward, "train_step_flops": 3.0 * forward, "inference_flops": inference}

@@ -73,7 +73,7 @@ def perturbed_model(cfg, seed: int = 0):
 
 
 def save_tiny_checkpoint(path: Path, cfg, seed: int = 0) -> Path:
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.model.checkpoint import save_checkpoint
 
     state = perturbed_model(cfg, seed).state_dict()
     return save_checkpoint(path, {"model": state, "ema": state, "config": to_dict(cfg), "epoch": 1, "step": 1})

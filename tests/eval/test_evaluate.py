@@ -11,8 +11,8 @@ import pytest
 from evalkit import CLASSES, tiny_cfg
 
 from pipeline.evaluate import evaluate_model
-from pipeline.metrics import coco_evaluate
-from pipeline.runtime import InferenceError
+from pipeline.infer.metrics import coco_evaluate
+from pipeline.infer.runtime import InferenceError
 
 REPO = Path(__file__).resolve().parents[2]
 

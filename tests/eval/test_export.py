@@ -9,7 +9,7 @@ import pytest
 import torch
 from evalkit import CLASSES, INPUT_SIZE, perturbed_model, tiny_cfg
 
-from pipeline.export import (
+from pipeline.infer.export import (
     ExportError,
     ExportModule,
     build_metadata,
@@ -18,7 +18,13 @@ from pipeline.export import (
     export_onnx,
     write_metadata,
 )
-from pipeline.runtime import InferenceError, OnnxDetector, Preprocessing, TorchDetector, read_onnx_metadata
+from pipeline.infer.runtime import (
+    InferenceError,
+    OnnxDetector,
+    Preprocessing,
+    TorchDetector,
+    read_onnx_metadata,
+)
 
 W, H = INPUT_SIZE
 THRESHOLDS = {"score_thr": 0.05, "iou_thr": 0.6, "max_dets": 100}
@@ -111,8 +117,8 @@ def _ground_truth_from_model(tiny) -> None:
     """Replace val.json's boxes by the model's own top detections, so mAP is high and the torch/ONNX
     comparison below is meaningful (a random model scores ~0 on the drawn rectangles)."""
     from pipeline.data.transforms import read_image
-    from pipeline.evaluate import image_records
-    from pipeline.predict import detect_image
+    from pipeline.infer.evaluate import image_records
+    from pipeline.infer.predict import detect_image
 
     _, ckpt, prepared, _ = tiny
     gt = json.loads((prepared / "val.json").read_text())
@@ -129,7 +135,7 @@ def _ground_truth_from_model(tiny) -> None:
 def test_export_stage_end_to_end_with_int8(tiny, tmp_path, monkeypatch):
     _, ckpt, prepared, _ = tiny
     _ground_truth_from_model(tiny)
-    monkeypatch.setattr("pipeline.evaluate.split_json",
+    monkeypatch.setattr("pipeline.infer.evaluate.split_json",
                         lambda c, split="val": prepared / ("val_model.json" if split == "val" else f"{split}.json"))
     cfg = tiny_cfg(prepared, tmp_path, [f"export.checkpoint={ckpt}", "export.int8=true", "export.calib_images=4"])
     report = export_model(cfg)
@@ -147,7 +153,7 @@ def test_export_stage_end_to_end_with_int8(tiny, tmp_path, monkeypatch):
     def worse(detector, cfg, out_dir=None):
         return {"mAP": 0.5 if detector.backend == "torch" else 0.4}
 
-    monkeypatch.setattr("pipeline.evaluate.evaluate_detector", worse)
+    monkeypatch.setattr("pipeline.infer.evaluate.evaluate_detector", worse)
     cfg = tiny_cfg(prepared, tmp_path / "again", [f"export.checkpoint={ckpt}"])
     with pytest.raises(ExportError, match=r"ONNX mAP 0.4000 differs from PyTorch mAP 0.5000"):
         export_model(cfg)

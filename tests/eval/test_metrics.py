@@ -11,7 +11,13 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.metrics import coco_evaluate, confusion_matrix, detections_to_coco, pr_curves, run_cocoeval
+from pipeline.infer.metrics import (
+    coco_evaluate,
+    confusion_matrix,
+    detections_to_coco,
+    pr_curves,
+    run_cocoeval,
+)
 from pipeline.model.decode import Detections
 
 NAMES = ["cat", "dog", "bird"]

@@ -13,8 +13,8 @@ from evalkit import CLASSES, INPUT_SIZE, tiny_cfg
 
 from pipeline.config import ConfigError
 from pipeline.data.transforms import preprocess
+from pipeline.infer.runtime import InferenceError, TorchDetector
 from pipeline.predict import expand_shorthands, run_predict
-from pipeline.runtime import InferenceError, TorchDetector
 
 
 def _expected(ckpt, img: np.ndarray, score_thr: float) -> list[list[float]]:
@@ -49,7 +49,7 @@ def test_predict_folder_boxes_drawing_and_broken_image(tiny, tmp_path):
 
 
 def test_predict_video_with_onnx(tiny, tmp_path):
-    from pipeline.export import ExportModule, build_metadata, export_onnx, write_metadata
+    from pipeline.infer.export import ExportModule, build_metadata, export_onnx, write_metadata
 
     cfg, ckpt, prepared, _ = tiny
     det = TorchDetector(ckpt)

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from pipeline.golden import GoldenError, config_from_meta, main
 from pipeline.model import build_model
 from pipeline.model.official import load_official_weights
+from pipeline.tools.golden import GoldenError, config_from_meta, main
 
 
 def test_every_golden_file_passes(golden_dir, capsys):

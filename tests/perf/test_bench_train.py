@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.bench import main
-from pipeline.bench_train import PHASES
+from pipeline.tools.bench_train import PHASES
 
 TINY = ["model=nanodet_plus_m_0.5x", "model.num_classes=3", "data.input_size=[64,64]",
         "model.aux_head.feat_channels=64"]

@@ -28,7 +28,7 @@ def tiny_overrides(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
 
 def assert_same_final_state(reference: Path, run: Path) -> int:
     """The finished run in ``run`` holds exactly the reference's tensors and counters."""
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.model.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(reference / "last.pt"), load_checkpoint(run / "last.pt")
     compared = sum(assert_same_tensors(a[k], b[k], k) for k in ("model", "ema", "optimizer", "scaler"))

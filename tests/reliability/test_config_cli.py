@@ -52,7 +52,7 @@ OWN_PROCESS = {"misspelled key", "text for an integer", "unknown config-group op
 
 DRIVER = """
 import contextlib, io, json, sys
-from pipeline.train import run
+from pipeline.train.__main__ import run
 results = {}
 for name, argv in json.loads(sys.argv[1]).items():
     sys.argv = ["pipeline.train", *argv]

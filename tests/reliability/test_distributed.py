@@ -14,8 +14,8 @@ import pytest
 from relkit import free_port, tiny_overrides
 from testkit import assert_same_tensors, run_cli, subprocess_env
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.faults import HANG_ENV, KILL_RANK_ENV, KILL_STEP_ENV, ONCE_ENV
+from pipeline.model.checkpoint import load_checkpoint
 
 DDP_STEPS = 6  # 16 images / (2 ranks x batch 4) = 2 steps per epoch, 3 epochs
 KILL_STEP = 3  # the middle of epoch 1

@@ -17,10 +17,11 @@ import torch
 from relkit import STEPS_PER_EPOCH, TOTAL_STEPS, assert_same_final_state, tiny_overrides
 from testkit import subprocess_env, train_cli
 
-from pipeline.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 from pipeline.config import compose
 from pipeline.faults import CKPT_ENV, CKPT_PHASES
+from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 from pipeline.train import train
+from pipeline.train.resume import find_resume_checkpoint
 
 SEEDS = (0, 1, 2)
 KILLS_PER_SEED = 2  # one from outside at a random time, one inside a random phase of a random save

@@ -14,8 +14,8 @@ import yaml
 from relkit import tiny_overrides
 from testkit import REPO, run_cli
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import compose, to_dict
+from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 
 PIPELINE = REPO / "pipeline"
 
@@ -50,14 +50,11 @@ def test_the_payload_is_live_when_unpickled_unsafely(tmp_path):
 
 
 def test_payload_is_refused_on_every_in_process_load_path(tmp_path):
-    from pipeline.checkpoint import (
-        find_resume_checkpoint,
-        load_model_for_inference,
-        load_weights_for_finetune,
-    )
     from pipeline.model import build_model
+    from pipeline.model.checkpoint import load_model_for_inference, load_weights_for_finetune
     from pipeline.model.official import OfficialWeightsError, read_checkpoint
     from pipeline.model.shufflenetv2 import PretrainedWeightsError
+    from pipeline.train.resume import find_resume_checkpoint
 
     marker = tmp_path / "marker"
     cfg = compose(tiny_overrides(tmp_path, tmp_path / "run"))
@@ -98,7 +95,7 @@ def test_payload_is_refused_at_the_command_line(entry, key, tiny_data, tmp_path)
 def test_yaml_tags_in_configs_sweeps_and_dataset_files_do_not_run(tmp_path):
     from pipeline.data.formats import yolo_class_names
     from pipeline.data.validate import DataError, Issues
-    from pipeline.tune_space import SweepError, load_sweep
+    from pipeline.tune.space import SweepError, load_sweep
 
     marker = tmp_path / "marker"
     tag = f"!!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]"
@@ -117,7 +114,7 @@ def test_yaml_tags_in_configs_sweeps_and_dataset_files_do_not_run(tmp_path):
 
 
 def test_sweep_expressions_are_parsed_not_evaluated(tmp_path):
-    from pipeline.tune_space import SweepError, load_sweep
+    from pipeline.tune.space import SweepError, load_sweep
 
     marker = tmp_path / "marker"
     (tmp_path / "sweep.yaml").write_text(

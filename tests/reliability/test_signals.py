@@ -16,8 +16,8 @@ import pytest
 from relkit import STEPS_PER_EPOCH, TOTAL_STEPS, assert_same_final_state, tiny_overrides
 from testkit import run_cli, train_cli
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import compose
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.train import train
 
 SIGTERM_SEED = 7
@@ -95,14 +95,14 @@ def test_sigterm_during_evaluation_exits_cleanly_without_partial_metrics(tiny_da
 
     # stopped while detecting: the outputs of the previous run stay as they were, complete
     code, output = _evaluate(tiny_data, reference_run, out, tmp_path,
-                             inject=("pipeline.runtime", "TorchDetector", "detect"))
+                             inject=("pipeline.infer.runtime", "TorchDetector", "detect"))
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "evaluation stopped by SIGTERM" in output and "Traceback" not in output
     assert (out / "metrics.json").read_bytes() == complete
 
     # stopped while writing the outputs: no metrics.json at all (it is written last), no temp files
     code, output = _evaluate(tiny_data, reference_run, out, tmp_path,
-                             inject=("pipeline.viz", "", "plot_pr_curves"))
+                             inject=("pipeline.infer.viz", "", "plot_pr_curves"))
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "evaluation stopped by SIGTERM" in output and "Traceback" not in output
     assert not (out / "metrics.json").exists()

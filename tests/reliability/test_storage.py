@@ -12,8 +12,8 @@ import torch
 from relkit import TOTAL_STEPS, assert_same_final_state, tiny_overrides
 from testkit import run_cli, train_cli
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import compose
+from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 from pipeline.train import train
 
 FULL_AT_SAVE = 3  # the step-3 checkpoint hits the full disk
@@ -45,7 +45,7 @@ def test_prepare_and_evaluate_refuse_an_unwritable_folder(tiny_data, reference_r
     assert f"data.prepared_dir={blocker / 'prepared'}" in _one_error_line(output)
 
     from pipeline.evaluate import evaluate_model
-    from pipeline.runtime import InferenceError
+    from pipeline.infer.runtime import InferenceError
 
     cfg = compose([*tiny_overrides(tiny_data, reference_run), f"eval.checkpoint={reference_run / 'best.pt'}",
                    f"eval.out_dir={blocker / 'evaluate'}"])

@@ -9,17 +9,17 @@ import pytest
 import torch
 from testkit import TINY_MODEL
 
-from pipeline.checkpoint import (
+from pipeline.config import compose, to_dict
+from pipeline.errors import UserError
+from pipeline.model.checkpoint import (
     CheckpointError,
     check_model_config,
-    find_resume_checkpoint,
     load_checkpoint,
     load_model_for_inference,
     load_weights_for_finetune,
     save_checkpoint,
 )
-from pipeline.config import compose, to_dict
-from pipeline.errors import UserError
+from pipeline.train.resume import find_resume_checkpoint
 
 
 class Payload:  # a pickled object: never loaded

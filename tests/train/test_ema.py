@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.ema import ModelEMA, ema_weight
+from pipeline.train.ema import ModelEMA, ema_weight
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.9995), (1999, 0.368), (4999, 0.0823), (9999, 0.00694),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
+from pipeline.train.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
 
 
 def _official(**kw) -> TrainConfig:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.config import compose
-from pipeline.tracking import (
+from pipeline.train.tracking import (
     Tracker,
     WandbTracker,
     append_plot_row,

@@ -17,10 +17,13 @@ import pytest
 import torch
 from testkit import assert_same_tensors, train_cli
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, load_model_for_inference
 from pipeline.config import compose, to_dict
-from pipeline.engine import FAULT_NAN_ENV, FAULT_RANK_ENV, LOSS_TERMS, NonFiniteLossError
+from pipeline.faults import NAN_RANK_ENV as FAULT_RANK_ENV
+from pipeline.faults import NAN_STEPS_ENV as FAULT_NAN_ENV
+from pipeline.model.checkpoint import CheckpointError, load_checkpoint, load_model_for_inference
+from pipeline.model.criterion import LOSS_KEYS as LOSS_TERMS
 from pipeline.train import train
+from pipeline.train.loop import NonFiniteLossError
 
 
 def test_single_process_run_writes_all_artefacts(tiny, tiny_data, tmp_path):

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import tune as tune_cli
 from pipeline.config import CONF_DIR, compose, to_dict
-from pipeline.tune_results import TrialRow, leaf_diff, write_best_experiment, write_results
-from pipeline.tune_space import (
+from pipeline.tune import driver as tune_cli
+from pipeline.tune.results import TrialRow, leaf_diff, write_best_experiment, write_results
+from pipeline.tune.space import (
     SWEEPS_DIR,
     SweepError,
     expand_sample,
@@ -27,7 +27,7 @@ from pipeline.tune_space import (
     sample_overrides,
     validate_space,
 )
-from pipeline.tune_trial import trial_overrides
+from pipeline.tune.trial import trial_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.head.strides=[8,16,32]", "data.input_size=[64,64]", "data.builtin.num_train=16",
@@ -370,7 +370,7 @@ def test_local_ray_listens_on_loopback_only():
     script = textwrap.dedent(f"""
         import ipaddress, psutil
         from pathlib import Path
-        from pipeline import tune
+        from pipeline.tune import driver as tune
         tune.init_ray(tune.Args(sweep="x"), Path({ray_tmp!r}))
         import ray
         ray.get(ray.remote(lambda: 1).remote())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,11 @@ import yaml
 from pipeline.config import CONF_DIR, Config, ConfigError, compose, config_hash, to_dict
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
-from pipeline.tune_space import SweepError, expand_sample, format_value, sample_overrides
-from pipeline.tune_trial import TIME_ATTR
+from pipeline.model import build_model
+from pipeline.model.summary import summarize
+from pipeline.perf import time_calls
+from pipeline.tune.space import SweepError, expand_sample, format_value, sample_overrides
+from pipeline.tune.trial import TIME_ATTR
 
 log = get_logger(__name__)
 
@@ -51,27 +53,15 @@ class TrialRow:
 # ------------------------------------------------------------------------------------- model cost
 def measure_model(cfg: Config, iters: int = 10, warmup: int = 3) -> dict[str, float]:
     """Inference parameters, FLOPs (2 x conv/linear MACs) and median eager CPU latency at batch 1 (1 thread)."""
-    from pipeline.model import build_model
-
     model = build_model(cfg.model, with_aux=False).eval()
     width, height = (int(v) for v in cfg.data.input_size)
-    try:
-        from pipeline.model.summary import summarize
-    except ImportError:  # the summary module is optional for this table: count parameters ourselves
-        summary = {"params_inference": sum(p.numel() for p in model.parameters()), "flops_inference": None}
-    else:
-        summary = summarize(model, (height, width))
+    summary = summarize(model, (height, width))
     images = torch.zeros(1, 3, height, width)
-    times = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: comparable between trials and far less sensitive to other load
     try:
         with torch.inference_mode():
-            for i in range(warmup + iters):
-                start = time.perf_counter()
-                model(images)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+            times = time_calls(lambda: model(images), iters, warmup)
     finally:
         torch.set_num_threads(threads)
     return {"params": summary["params_inference"], "flops": summary["flops_inference"],
@@ -126,7 +116,7 @@ def _read_json_lines(path: Path) -> list[dict]:
 
 def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> tuple[list[TrialRow], dict]:
     """One row per trial from Ray's ResultGrid and state, and the trial's folder (result.json, trial.json)."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # ray is optional and heavy: imported only when a sweep runs
 
     state = {t.trial_id: t for t in ExperimentAnalysis(str(exp_dir)).trials}
     rows, configs = [], {}

@@ -76,16 +76,16 @@ def make_grid(images: Sequence[np.ndarray], cols: int = 4, cell: int = 320) -> n
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # matplotlib is slow to import: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when a figure is drawn
 
     return plt
 
 
 def plot_pr_curves(curves: dict[str, dict], path: str | Path, title: str = "Precision-recall, IoU 0.5") -> None:
-    """One line per class from :func:`pipeline.metrics.pr_curves`; AP50 in the legend."""
+    """One line per class from :func:`pipeline.infer.metrics.pr_curves`; AP50 in the legend."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
     for k, (name, c) in enumerate(curves.items()):

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import compose
-from pipeline.tune_space import SweepError, format_value, sample_overrides
+from pipeline.train import train
+from pipeline.tune.space import SweepError, format_value, sample_overrides
 
 # Test hook: after a report, "once" fails each trial's first attempt, "always" every attempt, "interrupt"
 # sends SIGINT to the driver once per sweep (as Ctrl-C would).
@@ -81,7 +82,7 @@ class _Reporter:
             self._send(*held)
 
     def _send(self, epoch: int, metrics: dict, folder: Path) -> None:
-        from ray import tune
+        from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.plan["metric"] not in numbers:
@@ -113,7 +114,7 @@ def _restore_from_checkpoint(out_dir: Path) -> None:
     """Start a (re)started trial from its last *reported* state: Tune's checkpoint when there is one,
     else from scratch. Training may have gone on after the last report (a trial is stopped only at its
     next report), and resuming from that later last.pt would leave those epochs unreported."""
-    from ray import tune
+    from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
     checkpoint = tune.get_checkpoint()
     for name in ("last.pt", "last.pt.prev", "best.pt"):
@@ -131,7 +132,7 @@ def _restore_from_checkpoint(out_dir: Path) -> None:
 
 def run_trial(params: dict, plan: dict) -> None:
     """The Ray Tune function trainable: one call of pipeline.train.train (or a TorchTrainer around it)."""
-    from ray import tune
+    from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
     trial_id = tune.get_context().get_trial_id()
     # The trial's folder in the experiment (not Ray's per-session working copy): it survives restores.
@@ -150,17 +151,13 @@ def run_trial(params: dict, plan: dict) -> None:
     if plan["workers_per_trial"] > 1:
         _train_with_workers(overrides, plan, reporter)
     else:
-        from pipeline.train import train
-
         train(cfg, report=lambda epoch, metrics: reporter(epoch, metrics, snapshot(out_dir)))
     reporter.flush()
 
 
 def _train_worker(loop_config: dict) -> None:
     """One Ray Train worker: the process group is already up, so pipeline.train runs as DDP rank k."""
-    import ray.train.torch
-
-    from pipeline.train import train
+    import ray.train.torch  # optional heavy dependency, only inside a Ray worker
 
     device = ray.train.torch.get_device()
     cfg = compose([*loop_config["overrides"], f"train.device={device}"])
@@ -178,9 +175,12 @@ def _train_with_workers(overrides: list[str], plan: dict, reporter: _Reporter) -
     Train v2's own ``ray.train.report`` is a barrier over all workers, but pipeline.train reports on
     rank 0 only, so reports travel through a Ray queue instead.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
+    import ray.train  # ray is optional and heavy: imported only when a sweep runs
+    from ray.train.torch import (  # ray is optional and heavy: imported only when a sweep runs
+        TorchConfig,
+        TorchTrainer,
+    )
+    from ray.util.queue import Empty, Queue  # ray is optional and heavy: imported only when a sweep runs
 
     cfg = compose(overrides)
     gpu = plan["resources"]["gpu"]

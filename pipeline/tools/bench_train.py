@@ -1,8 +1,8 @@
 """Training-speed benchmark behind ``python -m pipeline.bench train`` and ``... peak``.
 
-``train`` times real training steps - the same pieces as pipeline.engine (autocast, the memory-format
-policy, TrainForward, optional torch.compile with fallback, NanoDetPlusLoss, AdamW with clipping, EMA) -
-and splits each step into data / forward / assign / loss / backward / optimizer. It reports wall-clock
+``train`` times THE training step (pipeline.train.step.TrainStep: autocast, the memory-format policy,
+TrainForward, optional torch.compile with fallback, NanoDetPlusLoss, AdamW with clipping, EMA) and splits
+each step into data / forward / assign / loss / backward / optimizer. It reports wall-clock
 images/s (best and median) and the process CPU time (``images_per_cpu_s``; on a shared machine compare
 ``cpu_cores_used`` with the thread count: wall time then includes waiting for a core), the training FLOPs per
 image, the achieved FLOP/s and the measured peak of this machine (``peak``: a large matmul and a 3x3
@@ -18,6 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import compose
+from pipeline.data.loader import build_loader
+from pipeline.model import build_model
+from pipeline.model.criterion import NanoDetPlusLoss
+from pipeline.model.summary import training_flops
+from pipeline.perf import apply_memory_format, compile_with_fallback, cpu_info, resolve_amp, time_calls
+from pipeline.train.ema import ModelEMA
+from pipeline.train.optim import build_optimizer
+from pipeline.train.step import TrainForward, TrainStep
+
 # The official implementation trains NanoDet-Plus-m (aux head) at ~3.8 images/s at batch 16, 320 px,
 # float32 on a 2-core AVX512 machine of this kind (the reference of issue 10).
 OFFICIAL_IMAGES_PER_S = 3.8
@@ -25,8 +35,6 @@ PHASES = ("data", "forward", "assign", "loss", "backward", "optimizer")
 
 
 def machine(threads: int) -> dict[str, Any]:
-    from pipeline.perf import cpu_info
-
     info = cpu_info()
     return {"cpu": info["model"], "cores": info["cores"], "threads": threads,
             "cpu_flags": info["flags"], "native_bf16": info["native_bf16"], "torch": torch.__version__,
@@ -57,21 +65,9 @@ def bench_peak(device: str = "cpu", iters: int = 5) -> dict[str, Any]:
             x = torch.randn(batch, 128, 56, 56, device=dev, dtype=dtype)
             conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False).to(dev, dtype)
             name = str(dtype).replace("torch.", "")
-            out[f"matmul_{name}_tflops"] = 2 * n**3 / _best_seconds(lambda a=a, b=b: a @ b, sync, iters) / 1e12
-            out[f"conv3x3_{name}_tflops"] = conv_flops / _best_seconds(lambda c=conv, x=x: c(x), sync, iters) / 1e12
+            out[f"matmul_{name}_tflops"] = 2 * n**3 / min(time_calls(lambda a=a, b=b: a @ b, iters, sync=sync)) / 1e12
+            out[f"conv3x3_{name}_tflops"] = conv_flops / min(time_calls(lambda c=conv, x=x: c(x), iters, sync=sync)) / 1e12
     return out
-
-
-def _best_seconds(fn: Callable[[], Any], sync: Callable[[], None], iters: int) -> float:
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(max(1, iters)):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -110,8 +106,6 @@ def _batches(cfg: Any, batch: int, source: str, gen: torch.Generator):
         pool = [synthetic_batch(batch, (h, w), int(cfg.model.num_classes), gen) for _ in range(2)]
         while True:
             yield from pool
-    from pipeline.data.loader import build_loader
-
     loader = build_loader(cfg, "train", train=True, distributed=False)
     epoch = 0
     while True:
@@ -125,15 +119,6 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
                 with_peak: bool = True) -> dict[str, Any]:
     """Per-phase milliseconds and images/s of training steps for each batch size (``iters`` timed steps
     after one warm-up step, which also holds torch.compile's compilation)."""
-    from pipeline.config import compose
-    from pipeline.ema import ModelEMA
-    from pipeline.engine import TrainForward, autocast, resolve_amp
-    from pipeline.model import build_model
-    from pipeline.model.criterion import NanoDetPlusLoss
-    from pipeline.model.decode import make_priors
-    from pipeline.optim import build_optimizer, clip_gradients
-    from pipeline.perf import apply_memory_format, compile_with_fallback, training_flops
-
     dev = torch.device(device)
     sync = _sync(dev)
     amp_dtype = resolve_amp(amp, dev)
@@ -159,39 +144,30 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
         timed = criterion.assigner = _TimedAssigner(criterion.assigner, sync)
         optimizer = build_optimizer(model, bcfg.train, batch)
         ema = ModelEMA(model, bcfg.train.ema_decay, bcfg.train.ema_ramp_steps) if bcfg.train.ema else None
-        priors = make_priors((h, w), model.strides, device=dev)
+        # THE training step, without a GradScaler (float32 / bf16 here) and never skipped
+        step = TrainStep(module, criterion, optimizer, torch.amp.GradScaler(dev.type, enabled=False), ema, dev,
+                         amp_dtype, channels_last, float(bcfg.train.grad_clip))
         data = _batches(bcfg, batch, data_source, torch.Generator().manual_seed(0))
         runs: dict[str, list[float]] = {k: [] for k in (*PHASES, "step", "cpu")}
         for i in range(iters + 1):
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             b = next(data)
-            images = b["images"].to(dev, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            gt = [b[k].to(dev, non_blocking=True) for k in ("gt_boxes", "gt_labels", "gt_valid")]
-            sync()
-            t1 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(dev, amp_dtype):
-                head_out, aux_out = module(images, 0)
-            sync()
-            t2 = time.perf_counter()
-            timed.seconds = 0.0
-            loss, _, _ = criterion(head_out, aux_out, *gt, priors)
-            sync()
-            t3 = time.perf_counter()
-            loss.backward()
-            sync()
-            t4 = time.perf_counter()
-            clip_gradients(model.parameters(), bcfg.train.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model, i)
+            marks: dict[str, float] = {}
+
+            def mark(phase: str, marks: dict[str, float] = marks, timed: _TimedAssigner = timed) -> None:
+                sync()
+                marks[phase] = time.perf_counter()
+                if phase == "forward":
+                    timed.seconds = 0.0  # the assignment of this step's loss only
+
+            step(b, 0, mark=mark)
+            step.apply(i)
             sync()
             t5, c5 = time.perf_counter(), time.process_time()
             if i == 0:
                 continue  # warm-up (allocator, oneDNN primitive cache, compilation)
+            t1, t2, t3, t4 = (marks[k] for k in ("data", "forward", "loss", "backward"))
             times = (t1 - t0, t2 - t1, timed.seconds, t3 - t2 - timed.seconds, t4 - t3, t5 - t4, t5 - t0, c5 - c0)
             for key, seconds in zip(runs, times):
                 runs[key].append(seconds)

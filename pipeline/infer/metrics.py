@@ -19,6 +19,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.data.transforms import boxes_to_original
+
 STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
@@ -126,8 +128,6 @@ def detections_to_coco(dets: Sequence[Any], metas: Sequence[dict],
     Each meta needs "image_id", "orig_size" (h, w) and "transform" (3x3 original -> network input).
     ``category_ids[label]`` gives the json id; default ``label + 1``.
     """
-    from pipeline.data.transforms import boxes_to_original
-
     if len(dets) != len(metas):
         raise ValueError(f"{len(dets)} detection sets but {len(metas)} image metas")
     out: list[dict] = []

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, to_dict
+from pipeline.data.dataset import resolve_file
+from pipeline.data.transforms import read_image
+from pipeline.data.validate import DataError
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 
@@ -95,7 +98,7 @@ def _never_raises(method):
 
 def _quiet_teardown() -> None:
     try:
-        import wandb
+        import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
         wandb.teardown()
     except Exception:  # noqa: BLE001, S110 - best effort: the service is already gone
@@ -118,7 +121,7 @@ class WandbTracker(Tracker):
 
     @_never_raises
     def log_eval(self, metrics: dict[str, Any], step: int, epoch: int, panel: Sequence[dict] = ()) -> None:
-        import wandb
+        import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
         data: dict[str, Any] = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         data["epoch"] = epoch
@@ -132,7 +135,7 @@ class WandbTracker(Tracker):
 
     @_never_raises
     def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
-        import wandb
+        import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
         art = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_plain(metadata))
         art.add_file(str(path), name=Path(path).name)
@@ -140,7 +143,7 @@ class WandbTracker(Tracker):
 
     @_never_raises
     def finish(self, exit_code: int = 0) -> None:
-        import wandb
+        import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
         run_dir = Path(self.run.dir).parent
         self.run.finish(exit_code=exit_code)
@@ -163,7 +166,7 @@ def _panel_image(item: dict) -> Any:
     """wandb.Image of one validation image with two box groups. ``item``: {"image": HxWx3 RGB uint8,
     "caption", "class_names", "pred": [(x1,y1,x2,y2,score,label)], "gt": [(x1,y1,x2,y2,label)]} in
     original-image pixels."""
-    import wandb
+    import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
     labels = {i: n for i, n in enumerate(item["class_names"])}
 
@@ -187,10 +190,6 @@ def build_panel(detections: Sequence[dict], coco: Any, json_dir: Path, class_nam
     (a pycocotools COCO read from a json in ``json_dir``), with their ground-truth boxes and the
     predictions scoring >= ``score_thr``.
     Boxes in original-image pixels; ``category_id`` k+1 is label k (prepared-json convention)."""
-    from pipeline.data.dataset import resolve_file
-    from pipeline.data.transforms import read_image
-    from pipeline.data.validate import DataError
-
     ids = sorted(coco.getImgIds())[:max(num_images, 0)]
     if not ids:
         return []
@@ -249,7 +248,7 @@ def build_tracker(cfg: Config, run_id: str | None = None, rank: int = 0) -> Trac
 
 
 def _init(cfg: Config, mode: str, run_id: str | None, root: Path) -> Any:
-    import wandb
+    import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
     t = cfg.tracking
     settings = wandb.Settings(init_timeout=float(t.init_timeout_s), console="off", silent=True)

@@ -1,7 +1,8 @@
-"""Train NanoDet-Plus: ``python -m pipeline.train [overrides]``, or with DDP
-``torchrun --nproc_per_node=N -m pipeline.train [overrides]``.
-
-The core is :func:`train` (also called by Ray Tune trials, several times per process). Artefacts in
+"""Train NanoDet-Plus: :func:`train` (run by ``python -m pipeline.train [overrides]``, or with DDP
+``torchrun --nproc_per_node=N -m pipeline.train [overrides]``, and by Ray Tune trials, several times per
+process). It builds data, model and optimiser from the config, runs the epochs (:mod:`pipeline.train.loop`),
+validates with THE evaluation (:func:`pipeline.infer.evaluate.evaluate_detector`) and handles checkpoints,
+tracking and plots at the edges. Artefacts in
 ``train.out_dir``: ``last.pt`` (+ ``last.pt.prev``), ``best.pt`` (best val mAP, EMA weights),
 ``config.yaml``, ``metrics.json`` and ``plots/*.csv`` for DVC.
 
@@ -13,8 +14,8 @@ continues exactly as the uninterrupted run would
 persistent workers whose augmentation streams run on across epochs, so there a resume repeats the
 data order but not the exact augmentation draws.
 
-Exit codes: 0 done; 2 user error (config, data, checkpoint, divergence); 128 + signal when stopped by
-SIGTERM (143) or SIGINT (130) after saving ``last.pt`` at the end of the current step.
+SIGTERM/SIGINT: the current step finishes, ``last.pt`` is saved and :class:`TrainingInterrupted` is raised
+(the entry point turns it into exit code 128 + signal).
 """
 from __future__ import annotations
 
@@ -34,30 +35,24 @@ from torch import nn
 
 from pipeline import dist as pdist
 from pipeline import faults
-from pipeline.checkpoint import (
-    CheckpointError,
-    check_model_config,
-    find_resume_checkpoint,
-    load_weights_for_finetune,
-    save_checkpoint,
-)
-from pipeline.cli import hydra_entry
-from pipeline.config import Config, ConfigError, diff_keys, to_dict
-from pipeline.ema import ModelEMA
-from pipeline.engine import (
-    StopFlag,
-    TrainForward,
-    TrainState,
-    evaluate,
-    hms,
-    load_gt,
-    resolve_amp,
-    train_one_epoch,
-)
+from pipeline.config import Config, ConfigError, to_dict
+from pipeline.data.dataset import check_prepared
+from pipeline.data.formats import prepared_json
+from pipeline.data.loader import build_loader
+from pipeline.infer.evaluate import DESCRIPTION_KEYS, evaluate_detector, load_gt
+from pipeline.infer.runtime import ModuleDetector
 from pipeline.logging import get_logger
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.perf import apply_memory_format, compile_with_fallback
-from pipeline.tracking import Tracker, append_plot_row, build_panel, build_tracker, write_metrics_json
+from pipeline.model import build_model
+from pipeline.model.checkpoint import CheckpointError, load_weights_for_finetune, save_checkpoint
+from pipeline.model.criterion import NanoDetPlusLoss
+from pipeline.perf import apply_memory_format, compile_with_fallback, resolve_amp
+from pipeline.train.ema import ModelEMA
+from pipeline.train.loop import StopFlag, TrainState, train_one_epoch
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.progress import hms
+from pipeline.train.resume import resume_checkpoint
+from pipeline.train.step import TrainForward, TrainStep
+from pipeline.train.tracking import Tracker, append_plot_row, build_panel, build_tracker, write_metrics_json
 
 log = get_logger(__name__)
 
@@ -152,8 +147,6 @@ class _SignalHandlers:
 def _configure_torch(cfg: Config, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = not cfg.train.deterministic
     if cfg.train.deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.train.sync_bn and pdist.get_world_size() > 1 and device.type != "cuda":
@@ -161,8 +154,6 @@ def _configure_torch(cfg: Config, device: torch.device) -> None:
 
 
 def _build_model(cfg: Config, device: torch.device) -> nn.Module:
-    from pipeline.model import build_model
-
     pdist.seed_everything(cfg.train.seed, rank_offset=False)  # identical initial weights on every rank
     model = build_model(cfg.model, with_aux=True)
     if cfg.train.init_from:
@@ -192,85 +183,24 @@ def _check_out_dir(out_dir: Path) -> None:
         raise CheckpointError(problem)
 
 
-# Keys that may change between a run and its resume without making it another run.
-RESUME_BENIGN_KEYS = ("train.resume", "train.on_config_change", "train.nproc", "train.log_interval",
-                      "train.dist_timeout_s", "train.device", "data.num_workers", "data.eval_batch_size")
-
-
-def run_config_changes(stored: dict, cfg: Config) -> list[str]:
-    """Differences between a checkpoint's config and ``cfg`` in what defines the run (model, data, train)."""
-    now = to_dict(cfg)
-    changes = []
-    for section in ("model", "data", "train"):
-        for line in diff_keys(stored.get(section, {}), now[section], f"{section}."):
-            if not line.split(":", 1)[0] in RESUME_BENIGN_KEYS:
-                changes.append(line)
-    return changes
-
-
-def archive_run(out_dir: Path) -> Path:
-    """Move a previous run's checkpoints, metrics and plots to <out_dir>/previous/<time>/ (nothing is lost)."""
-    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "config.yaml", "plots"):
-        if (out_dir / name).exists():
-            os.replace(out_dir / name, dest / name)
-    return dest
-
-
-def _resume(cfg: Config) -> tuple[Path, dict] | None:
-    """Rank 0 picks the checkpoint (with its fallback rules); every rank then loads the same file.
-
-    With train.on_config_change=restart, a last.pt made with another model/data/train config is moved
-    aside (see :func:`archive_run`) and training starts fresh."""
-    choice: tuple[str, str] | None = None
-    if pdist.is_main():
-        try:
-            found = find_resume_checkpoint(cfg)
-            choice = ("ok", str(found[0])) if found else None
-            if found and cfg.train.on_config_change == "restart":
-                changes = run_config_changes(found[1].get("config", {}), cfg)
-                if changes:
-                    dest = archive_run(Path(cfg.train.out_dir))
-                    log.warning("train.on_config_change=restart: the config changed (%s); previous run moved "
-                                "to %s, starting fresh", "; ".join(changes[:5]), dest)
-                    choice = None
-        except CheckpointError as err:
-            choice = ("error", str(err))
-    choice = pdist.broadcast_object(choice)
-    if choice is None:
-        return None
-    if choice[0] == "error":
-        raise CheckpointError(choice[1])
-    from pipeline.checkpoint import load_checkpoint
-
-    path = Path(choice[1])
-    ckpt = load_checkpoint(path)
-    check_model_config(ckpt, cfg, path)
-    return path, ckpt
-
-
 class _Run:
     """Everything one training run holds; methods are the steps of :func:`train`."""
 
     def __init__(self, cfg: Config, device: torch.device, report: Callable | None):
-        from pipeline.data.loader import build_loader
-        from pipeline.model.criterion import NanoDetPlusLoss
-
         self.cfg, self.device, self.report = cfg, device, report
         self.out_dir = Path(cfg.train.out_dir)
         self.distributed = pdist.is_dist()
         _check_out_dir(self.out_dir)
         _configure_torch(cfg, device)
         self.train_loader = build_loader(cfg, "train", train=True, distributed=self.distributed)
-        self.val_loader = build_loader(cfg, "val", train=False, distributed=self.distributed)
+        check_prepared(prepared_json(cfg, "val"), cfg)  # a broken val split fails now, not after an epoch
         self.model = _build_model(cfg, device)
         self.criterion = NanoDetPlusLoss(cfg.model)
         global_batch = cfg.data.batch_size * pdist.get_world_size()
         self.optimizer = build_optimizer(self.model, cfg.train, global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, global_batch)
-        amp = resolve_amp(cfg.train.amp, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self.amp_dtype = resolve_amp(cfg.train.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
         self.best = {"mAP": -1.0, "epoch": -1, "metrics": {}}
         self.bad_evals = 0
@@ -289,11 +219,14 @@ class _Run:
         if cfg.train.ema and self.ema is None:  # after DDP's initial broadcast: the same EMA on every rank
             self.ema = ModelEMA(self.model, cfg.train.ema_decay, cfg.train.ema_ramp_steps)
         self.tracker: Tracker = build_tracker(cfg, run_id, pdist.get_rank())
+        self.step = TrainStep(self.module, self.criterion, self.optimizer, self.scaler, self.ema, device,
+                              self.amp_dtype, cfg.train.channels_last, cfg.train.grad_clip)
         self.state.on_step_end = self._on_step_end
+        self.state.on_log = self.tracker.log  # the loop reports; tracking stays here
 
     def _restore(self) -> str | None:
         self.ema = None
-        found = _resume(self.cfg)
+        found = resume_checkpoint(self.cfg)
         if found is None:
             return None
         path, ckpt = found
@@ -368,9 +301,8 @@ class _Run:
             s.epoch = epoch
             start_epoch(self.train_loader, cfg.train.seed, epoch)
             t0 = time.perf_counter()
-            self.last_train = train_one_epoch(
-                self.module, self.criterion, self.train_loader, self.optimizer, self.scheduler, self.ema,
-                self.scaler, epoch, s, cfg, self.device, self.tracker, stop_flag)
+            self.last_train = train_one_epoch(self.step, self.train_loader, self.scheduler, epoch, s, cfg.train,
+                                              stop_flag)
             if s.interrupted:
                 raise TrainingInterrupted(s.interrupted, s.step, self.save_last())
             hit_max = bool(cfg.train.max_steps and s.step >= cfg.train.max_steps)
@@ -416,8 +348,10 @@ class _Run:
         eval_model = self.ema.module if self.ema is not None else self.model
         broadcast_module(eval_model)
         want_panel = type(self.tracker) is not Tracker and self.cfg.tracking.num_images > 0
-        metrics = evaluate(eval_model, self.val_loader, self.cfg, self.device, return_detections=want_panel)
+        detector = ModuleDetector(eval_model, self.cfg, self.device, self.amp_dtype)
+        metrics = evaluate_detector(detector, self.cfg, return_detections=want_panel)
         detections = metrics.pop("detections", [])
+        metrics = {k: v for k, v in metrics.items() if k not in DESCRIPTION_KEYS}
         self.last_eval = metrics
         improved = metrics["mAP"] > self.best["mAP"]
         if improved:
@@ -437,9 +371,7 @@ class _Run:
         return metrics
 
     def _panel(self, detections: list[dict]) -> list[dict]:
-        from pipeline.engine import default_gt_json
-
-        gt_json = default_gt_json(self.cfg, "val")
+        gt_json = prepared_json(self.cfg, "val")
         coco, names = load_gt(gt_json)
         return build_panel(detections, coco, Path(gt_json).parent, names, self.cfg.tracking.num_images,
                            score_thr=self.cfg.eval.confusion_score)
@@ -500,37 +432,3 @@ def train(cfg: Config, report: Callable[[int, dict], None] | None = None) -> dic
             run.tracker.finish(exit_code)
         if created:
             pdist.cleanup()
-
-
-PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "gloo", "NCCL")
-
-
-def _lost_peer(err: BaseException) -> bool:
-    """A collective failed because another torchrun rank died or hangs (gloo/NCCL error text)."""
-    if not pdist.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
-    return isinstance(err, torch.distributed.DistError) or any(m in str(err) for m in PEER_FAILURE_MARKERS)
-
-
-@hydra_entry("train")
-def run(cfg: Config) -> int | None:
-    try:
-        train(cfg)
-    except TrainingInterrupted as err:
-        log.error("%s", err)
-        return err.exit_code
-    except RuntimeError as err:
-        if not _lost_peer(err):
-            raise
-        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        log.error("rank %s: a collective operation with the other ranks failed (%s). Another rank died or stopped "
-                  "responding (torchrun's report names it; train.dist_timeout_s=%d bounds the wait). %s keeps the "
-                  "last saved step: run the same command again, or launch with torchrun --max-restarts=N, to "
-                  "resume from it", os.environ.get("RANK", "?"), detail, cfg.train.dist_timeout_s,
-                  Path(cfg.train.out_dir) / "last.pt")
-        return 1
-    return None
-
-
-if __name__ == "__main__":
-    run()

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import CONF_DIR, compose
+from pipeline.data.prepare import prepare
 from pipeline.errors import UserError
 from pipeline.logging import get_logger
-from pipeline.tune_results import (
+from pipeline.tune.results import (
     add_model_costs,
     base_experiment,
     collect_rows,
@@ -42,8 +44,8 @@ from pipeline.tune_results import (
     write_best_experiment,
     write_results,
 )
-from pipeline.tune_space import SweepError, load_sweep, param_space, sample_overrides, validate_space
-from pipeline.tune_trial import INJECT_ENV, TIME_ATTR, run_trial, trial_dirname
+from pipeline.tune.space import SweepError, load_sweep, param_space, sample_overrides, validate_space
+from pipeline.tune.trial import INJECT_ENV, TIME_ATTR, run_trial, trial_dirname
 
 log = get_logger(__name__)
 
@@ -115,20 +117,21 @@ def ray_environment(args: Args) -> None:
 def init_ray(args: Args, tmp_dir: Path) -> None:
     """Local Ray on 127.0.0.1 with this machine's CPUs (and GPUs), or join ``ray_address``."""
     ray_environment(args)
-    import ray
+    import ray  # optional heavy dependency, only for a sweep
 
     if args.ray_address:
         ray.init(address=args.ray_address, configure_logging=False, log_to_driver=True)
         return
-    import torch
-
     ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", _temp_dir=str(tmp_dir), configure_logging=False)
 
 
 def build_tuner(sweep: Any, plan: dict, exp_dir: Path, restore: bool, epochs: int) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray import tune  # ray is optional and heavy: imported only when a sweep runs
+    from ray.tune.schedulers import (  # ray is optional and heavy: imported only when a sweep runs
+        ASHAScheduler,
+        FIFOScheduler,
+    )
 
     trainable = tune.with_parameters(run_trial, plan=plan)
     if plan["workers_per_trial"] > 1:  # the trial itself only drives the TorchTrainer workers
@@ -156,7 +159,7 @@ def build_tuner(sweep: Any, plan: dict, exp_dir: Path, restore: bool, epochs: in
 def _check_resume(args: Args, exp_dir: Path, fingerprint: dict) -> bool:
     """True when an existing experiment is to be continued; refuses a changed sweep."""
     ray_environment(args)
-    from ray import tune
+    from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
     stamp = exp_dir.parent / "sweep.json"
     exists = tune.Tuner.can_restore(str(exp_dir))
@@ -177,8 +180,6 @@ def prepare_data(overrides: list[str]) -> None:
     cfg = compose(overrides)
     if (Path(cfg.data.prepared_dir) / "train.json").exists():
         return
-    from pipeline.prepare import prepare
-
     log.info("preparing the dataset into %s", cfg.data.prepared_dir)
     prepare(cfg)
 
@@ -206,7 +207,7 @@ def run_sweep(args: Args) -> int:
         log.info("%s sweep %s in %s", "continuing" if restore else "starting", sweep.name, exp_dir)
         grid = build_tuner(sweep, plan, exp_dir, restore, compose(overrides).train.epochs).fit()
     finally:
-        import ray
+        import ray  # ray is optional and heavy: imported only when a sweep runs
 
         ray.shutdown()
         if args.ray_tmp is None:
@@ -262,7 +263,3 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Inference runners behind one interface: a PyTorch checkpoint (.pt) or an exported ONNX model (.onnx).
+"""Inference runners behind one interface: a PyTorch checkpoint (.pt), an exported ONNX model (.onnx), or
+the model being trained (in memory, for validation during training).
 
 Both run THE one preprocessing (:func:`pipeline.data.transforms.preprocess`) and THE one decoder
 (:func:`pipeline.model.decode.postprocess`); they differ only in what produces the head output.
@@ -19,8 +20,11 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, from_dict, to_dict
+from pipeline.data.transforms import preprocess
 from pipeline.errors import UserError
-from pipeline.model.decode import Detections, make_priors, multiclass_nms, postprocess
+from pipeline.model.checkpoint import load_model_for_inference
+from pipeline.model.decode import Detections, multiclass_nms, postprocess, priors_for
+from pipeline.perf import autocast
 
 TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -49,8 +53,6 @@ class Preprocessing:
 
     def __call__(self, img_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """HxWx3 uint8 BGR -> (chw float32 [3, h, w], M 3x3 original -> network-input pixels)."""
-        from pipeline.data.transforms import preprocess
-
         chw, matrix = preprocess(img_bgr, list(self.input_size), self.keep_ratio, list(self.mean), list(self.std))
         return np.ascontiguousarray(chw, dtype=np.float32), np.asarray(matrix, dtype=np.float64)
 
@@ -98,8 +100,8 @@ class Detector:
             scores, boxes = (torch.as_tensor(o) for o in out)
             return [multiclass_nms(boxes[i], scores[i], score_thr, iou_thr, max_dets) for i in range(len(boxes))]
         hw = images.shape[2:]
-        head = torch.as_tensor(out).float().cpu()
-        return postprocess(head, make_priors(hw, self.strides), self.num_classes, self.reg_max, hw, score_thr,
+        head = torch.as_tensor(out).float()  # on the backend's device (CPU for .pt files and ONNX)
+        return postprocess(head, priors_for(hw, self.strides, head.device), self.num_classes, self.reg_max, hw, score_thr,
                            iou_thr, max_dets, scores_are_logits=self.scores_are_logits)
 
 
@@ -110,8 +112,6 @@ class TorchDetector(Detector):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  input_size: Sequence[int] | None = None):
-        from pipeline.checkpoint import load_model_for_inference
-
         self.path = Path(path)
         self.device = torch.device(device)
         model, cfg = load_model_for_inference(self.path, self.device)
@@ -135,8 +135,36 @@ class TorchDetector(Detector):
         return to_dict(self.cfg)
 
 
+class ModuleDetector(Detector):
+    """The model being trained, in memory (its EMA when there is one): validation during training runs
+    through THE evaluation like any checkpoint. Eval mode only while detecting; autocast as in training."""
+
+    backend = "torch"
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None):
+        self.model, self.device, self.amp_dtype = model, torch.device(device), amp_dtype
+        self.path = Path(cfg.train.out_dir)
+        self.class_names = class_names_from_config(cfg)
+        self.strides = tuple(int(s) for s in model.strides)
+        self.reg_max = int(model.reg_max)
+        d = cfg.data
+        self.preprocessing = Preprocessing(tuple(int(v) for v in d.input_size), bool(d.keep_ratio), tuple(d.mean),
+                                           tuple(d.std))
+
+    @torch.no_grad()
+    def forward(self, images: np.ndarray) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast(self.device, self.amp_dtype):
+                head_out = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True))
+            return head_out.float()
+        finally:
+            self.model.train(was_training)
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
+    import onnx  # optional heavy dependency, only for .onnx files
 
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
@@ -155,7 +183,7 @@ class OnnxDetector(Detector):
 
     def __init__(self, path: str | Path, input_size: Sequence[int] | None = None, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional heavy dependency, only for .onnx files
 
         self.path = Path(path)
         meta = read_onnx_metadata(self.path)

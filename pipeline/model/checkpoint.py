@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, safe loads, resume selection, and model rebuilding for inference.
+"""Checkpoints: atomic saves, safe loads, and rebuilding a model from its own checkpoint (inference, fine-tuning).
+Which checkpoint a training run resumes from is :mod:`pipeline.train.resume`.
 
 A training checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``, i.e. only
 tensors and Python primitives) with the keys "model", "ema" (state dicts), "optimizer",
@@ -26,6 +27,8 @@ from pipeline.config import Config, diff_keys, from_dict, to_dict
 from pipeline.errors import UserError
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
+from pipeline.model.detector import build_model
+from pipeline.model.official import OfficialWeightsError, read_checkpoint, select_state_dict
 
 log = get_logger(__name__)
 
@@ -126,54 +129,6 @@ def check_model_config(ckpt: dict, cfg: Config, path: str | os.PathLike) -> None
             "train.resume=never to start fresh, or fine-tune from it with train.init_from")
 
 
-def _require_keys(ckpt: dict, path: Path, keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}; it is not a training checkpoint")
-
-
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "config")
-
-
-def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict] | None:
-    """Pick the checkpoint that ``train.resume`` asks for and load it, or None to start fresh.
-
-    ``never``: None. ``auto``: ``<out_dir>/last.pt`` when present; if it is unreadable the previous
-    one (``last.pt.prev``) is used and a warning says so; if neither is usable a CheckpointError is
-    raised (a broken run is never restarted silently). Any other value is a path that must load.
-    """
-    mode = str(cfg.train.resume)
-    if mode == "never":
-        return None
-    if mode != "auto":
-        path = Path(mode)
-        ckpt = load_checkpoint(path)
-        _require_keys(ckpt, path, RESUME_KEYS)
-        return path, ckpt
-    last = Path(cfg.train.out_dir) / "last.pt"
-    prev = last.with_name(last.name + PREV_SUFFIX)
-    if not last.exists() and not prev.exists():
-        return None
-    errors = []
-    for path in (last, prev):
-        if not path.exists():
-            errors.append(f"{path} is missing")
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-            _require_keys(ckpt, path, RESUME_KEYS)
-        except CheckpointError as err:
-            errors.append(str(err))
-            continue
-        if errors:
-            log.warning("resume: %s; resuming from the previous checkpoint %s (step %s) instead",
-                        "; ".join(errors), path, ckpt.get("step"))
-        return path, ckpt
-    raise CheckpointError(f"train.resume=auto found no usable checkpoint in {last.parent}: "
-                          f"{'; '.join(errors)}. Delete the broken files or set train.resume=never "
-                          "to start over")
-
-
 def model_state_for_inference(ckpt: dict, prefer_ema: bool = True) -> dict:
     """The state dict to run (EMA when present and preferred), without the training-only aux branch."""
     state = ckpt.get("ema") if prefer_ema and ckpt.get("ema") else ckpt.get("model")
@@ -189,8 +144,6 @@ def load_model_for_inference(path: str | os.PathLike, device: str | torch.device
     Returns ``(model, cfg)`` where ``cfg`` is the stored config. Official NanoDet .ckpt/.pth files
     go through ``pipeline.model.official.load_official_weights`` instead.
     """
-    from pipeline.model import build_model
-
     path = Path(path)
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
@@ -222,8 +175,6 @@ def load_weights_for_finetune(model: torch.nn.Module, path: str | os.PathLike) -
     """
     path = Path(path)
     if path.suffix in (".ckpt", ".pth"):
-        from pipeline.model.official import OfficialWeightsError, read_checkpoint, select_state_dict
-
         try:
             source, _ = select_state_dict(read_checkpoint(path), prefer_ema=True)
         except OfficialWeightsError as err:

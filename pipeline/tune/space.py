@@ -269,7 +269,7 @@ def sample_overrides(sweep: Sweep, sample: dict[str, Any]) -> list[str]:
 
 def param_space(sweep: Sweep) -> dict[str, Any]:
     """Ray Tune's param_space: one flat entry per sampled key (dotted names are just dict keys)."""
-    from ray import tune
+    from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
     make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
