@@ -202,6 +202,7 @@ class ExportConfig:
     map_tolerance: float = 0.002
     int8: bool = False
     calib_images: int = 64
+    int8_max_map_drop: float = 0.01  # the stage fails when INT8 mAP is more than this below the fp32 ONNX mAP
 
 
 # --------------------------------------------------------------------------------------- predict
@@ -382,6 +383,9 @@ def check_consistency(cfg: Config) -> None:
         _fail("train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     if m.detach_epoch < 0:
         _fail("model.detach_epoch", f"must be >= 0, got {m.detach_epoch}")
+    drop = cfg.export.int8_max_map_drop
+    if not 0.0 <= drop <= 1.0:
+        _fail("export.int8_max_map_drop", f"must be in [0, 1] (an mAP difference), got {drop}")
 
 
 # ---------------------------------------------------------------------------------- composition

@@ -4,14 +4,17 @@ prepared validation split, plus PR curves, a confusion matrix and a predictions 
 Under torchrun every rank runs its shard of the images; the COCO detections are all-gathered and rank 0
 scores them and writes (spec section 12):
 
-    <eval.out_dir>/metrics.json          mAP, AP50, AP75, APs/m/l, AR1/10/100, per-class AP and AP50
+    <eval.out_dir>/metrics.json          headline numbers for `dvc metrics show`: mAP, AP50, AP75, APs/m/l,
+                                         AR1/10/100, image and detection counts (see HEADLINE)
+    <eval.out_dir>/details.json          everything: the above plus per-class AP and AP50, model, backend,
+                                         input size (not a DVC metric)
     <eval.out_dir>/pr_curves.csv         class, recall, precision (IoU 0.5; for `dvc plots`)
     <eval.out_dir>/confusion_matrix.json rows = ground truth, columns = predicted, last = background
     <eval.out_dir>/detections.json       COCO results (original-image pixels)
     <eval.out_dir>/figures/              pr_curves.png, confusion_matrix.png, predictions.png
 
-metrics.json is written last and atomically (after the old one is removed), so its presence means a
-complete set of outputs from one run. SIGTERM/SIGINT stop the run with exit code 128 + signal and a
+metrics.json is written last and atomically (after the old one is removed; details.json just before it),
+so its presence means a complete set of outputs from one run. SIGTERM/SIGINT stop the run with exit code 128 + signal and a
 one-line message; a partial metrics.json is never left behind.
 """
 from __future__ import annotations
@@ -46,6 +49,9 @@ from pipeline.runtime import Detector, InferenceError, Preprocessing, load_detec
 log = get_logger("pipeline.evaluate")
 
 GRID_CELL = 320  # pixels per tile of the predictions grid
+# The keys of metrics.json (the DVC metric, kept to flat headline numbers so `dvc metrics show` stays
+# readable); details.json holds the full metrics dict, per-class values included.
+HEADLINE = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "num_images", "num_detections")
 
 
 class EvaluationInterrupted(Exception):
@@ -214,7 +220,9 @@ def write_artifacts(out_dir: Path, coco, json_dir: Path, dets: list[dict], ev, m
     viz.plot_confusion_matrix(matrix, class_names, figures / "confusion_matrix.png")
     write_prediction_grid(coco, json_dir, per_dets, per_gts, class_names, e.num_vis_images, e.confusion_score,
                           figures / "predictions.png")
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the set complete
+    write_atomic(out_dir / "details.json", json.dumps(metrics, indent=2))
+    headline = {k: metrics[k] for k in HEADLINE}
+    write_atomic(out_dir / "metrics.json", json.dumps(headline, indent=2))  # last: marks the set complete
     log.info("wrote metrics, curves, confusion matrix and predictions to %s", out_dir)
 
 

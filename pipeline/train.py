@@ -3,7 +3,8 @@
 
 The core is :func:`train` (also called by Ray Tune trials, several times per process). Artefacts in
 ``train.out_dir``: ``last.pt`` (+ ``last.pt.prev``), ``best.pt`` (best val mAP, EMA weights),
-``config.yaml``, ``metrics.json`` and ``plots/*.csv`` for DVC.
+``config.yaml``, ``metrics.json`` (headline numbers) + ``details.json`` (full summary) and ``plots/*.csv``
+for DVC.
 
 Reproducibility: every epoch re-seeds python/numpy/torch, the loader and the augmentation from
 (train.seed, epoch, rank) and the data order comes from (seed, epoch), so a resume - also from a
@@ -57,7 +58,14 @@ from pipeline.engine import (
 from pipeline.logging import get_logger
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.perf import apply_memory_format, compile_with_fallback
-from pipeline.tracking import Tracker, append_plot_row, build_panel, build_tracker, write_metrics_json
+from pipeline.tracking import (
+    Tracker,
+    append_plot_row,
+    build_panel,
+    build_tracker,
+    train_headline,
+    write_metrics_json,
+)
 
 log = get_logger(__name__)
 
@@ -212,7 +220,7 @@ def archive_run(out_dir: Path) -> Path:
     """Move a previous run's checkpoints, metrics and plots to <out_dir>/previous/<time>/ (nothing is lost)."""
     dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "config.yaml", "plots"):
+    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "details.json", "config.yaml", "plots"):
         if (out_dir / name).exists():
             os.replace(out_dir / name, dest / name)
     return dest
@@ -459,7 +467,9 @@ class _Run:
                    "per_class_AP": dict(self.best["metrics"].get("per_class_AP") or {}),
                    "out_dir": str(self.out_dir)}
         if pdist.is_main():
-            write_metrics_json(self.out_dir / "metrics.json", summary)
+            # details.json: everything; metrics.json (the DVC metric, written last): the headline numbers
+            write_metrics_json(self.out_dir / "details.json", summary)
+            write_metrics_json(self.out_dir / "metrics.json", train_headline(summary))
             best = self.out_dir / "best.pt"
             if best.exists():
                 self.tracker.log_model(best, {"mAP": self.best["mAP"], "epoch": self.best["epoch"]})
