@@ -20,7 +20,14 @@ import yaml
 
 from pipeline import tune as tune_cli
 from pipeline.config import CONF_DIR, compose, to_dict
-from pipeline.tune_results import TrialRow, leaf_diff, write_best_experiment, write_results
+from pipeline.tune_results import (
+    TrialRow,
+    leaf_diff,
+    trained_config,
+    trained_values,
+    write_best_experiment,
+    write_results,
+)
 from pipeline.tune_space import (
     SWEEPS_DIR,
     SweepError,
@@ -217,6 +224,32 @@ def test_results_are_sorted_best_first(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# title") and "RuntimeError: boom \\| x" in md
     assert [r.trial_id for r in write_results(tmp_path, rows, "mAP", "min", [])] == ["a", "c", "b"]
+
+
+def test_rows_report_what_the_trial_checkpoint_trained(tmp_path):
+    """A row's values come from the config in the trial's own checkpoint (best.pt, else last.pt, else the
+    config.yaml training wrote), and a value that differs from Tune's sample is named."""
+    sweep = load_sweep("demo_cpu")  # samples model.head.reg_max and train.lr
+    sampled = expand_sample(sweep, {"model.head.reg_max": 5, "train.lr": 0.01})
+    train = tmp_path / "train"
+    assert trained_config(train) == (None, None)  # never started: the row keeps the sample
+    assert trained_values(sampled, None) == (sampled, [])
+
+    def trained(reg_max: int) -> dict:
+        return to_dict(compose(["experiment=demo", f"model.head.reg_max={reg_max}", "train.lr=0.01"]))
+
+    train.mkdir()
+    (train / "config.yaml").write_text(yaml.safe_dump(trained(5)))
+    assert trained_config(train) == (trained(5), train / "config.yaml")
+    torch.save({"config": trained(7), "model": {}}, train / "last.pt")
+    assert trained_config(train) == (trained(7), train / "last.pt")
+    torch.save({"config": trained(10), "model": {}}, train / "best.pt")
+    config, source = trained_config(train)
+    assert source == train / "best.pt" and config["model"]["head"]["reg_max"] == 10
+    values, differ = trained_values(sampled, config)
+    assert values == {"model.head.reg_max": 10, "train.lr": 0.01}
+    assert differ == ["model.head.reg_max=10 (sampled 5)"]
+    assert trained_values(sampled, trained(5)) == (sampled, [])
 
 
 # ------------------------------------------------------------------------------------ slow tests
