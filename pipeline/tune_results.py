@@ -117,9 +117,16 @@ def _status(ray_status: str, error: BaseException | None, last_epoch: int, epoch
         return "finished"
     if summary.exists():  # pipeline.train stopped by itself (train.patience, train.max_steps)
         info = json.loads(summary.read_text())
-        if info.get("stopped") != "completed" and info.get("epochs_completed") == last_epoch:
+        if info.get("stopped") not in ("completed", None) and info.get("epochs_completed") == last_epoch:
             return f"finished ({info['stopped']})"
     return "stopped by ASHA" if last_epoch else "no result"
+
+
+def _summary_file(train_dir: Path) -> Path:
+    """Training's full summary: details.json (metrics.json holds only headline numbers), or the
+    metrics.json of a trial trained before details.json existed."""
+    details = train_dir / "details.json"
+    return details if details.exists() else train_dir / "metrics.json"
 
 
 def _read_json_lines(path: Path) -> list[dict]:
@@ -229,7 +236,7 @@ def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> 
         cfg = configs[trial_id] = _row_config(sweep, result.config, trained, overrides, trial_id)
         row.status = _status(trial.status if trial else "ERROR", result.error,
                              max((int(r.get(TIME_ATTR, 0)) for r in scored), default=0),
-                             cfg.train.epochs if cfg is not None else 0, trial_dir / "train" / "details.json")
+                             cfg.train.epochs if cfg is not None else 0, _summary_file(trial_dir / "train"))
         rows.append(row)
     return rows, configs
 

@@ -22,6 +22,8 @@ from pipeline import tune as tune_cli
 from pipeline.config import CONF_DIR, compose, to_dict
 from pipeline.tune_results import (
     TrialRow,
+    _status,
+    _summary_file,
     leaf_diff,
     trained_config,
     trained_values,
@@ -250,6 +252,21 @@ def test_rows_report_what_the_trial_checkpoint_trained(tmp_path):
     assert values == {"model.head.reg_max": 10, "train.lr": 0.01}
     assert differ == ["model.head.reg_max=10 (sampled 5)"]
     assert trained_values(sampled, trained(5)) == (sampled, [])
+
+
+def test_status_reads_trainings_own_stop_from_details_json(tmp_path):
+    """metrics.json holds only headline numbers; why training stopped is in details.json beside it (a
+    trial folder from before details.json has it in metrics.json)."""
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "metrics.json").write_text(json.dumps({"epochs_completed": 2, "best_map": 0.1}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "stopped by ASHA"
+    (train / "details.json").write_text(json.dumps({"stopped": "early_stop", "epochs_completed": 2}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "finished (early_stop)"
+    (train / "details.json").unlink()
+    (train / "metrics.json").write_text(json.dumps({"stopped": "max_steps", "epochs_completed": 2}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "finished (max_steps)"
+    assert _status("TERMINATED", None, 5, 5, _summary_file(train)) == "finished"
 
 
 # ------------------------------------------------------------------------------------ slow tests
