@@ -10,9 +10,9 @@ Reproducibility: every epoch re-seeds python/numpy/torch, the loader and the aug
 (train.seed, epoch, rank) and the data order comes from (seed, epoch), so a resume - also from a
 mid-epoch step checkpoint, whose finished batches are replayed from the loader and dropped -
 continues exactly as the uninterrupted run would
-(identical weights on CPU with the same world size). With data.num_workers > 0 the loader keeps
-persistent workers whose augmentation streams run on across epochs, so there a resume repeats the
-data order but not the exact augmentation draws.
+(identical weights on CPU with the same world size), also with data.num_workers > 0: the training loader
+starts its workers afresh every epoch, seeded from the epoch's loader generator, so their augmentation draws
+repeat too.
 
 Exit codes: 0 done; 2 user error (config, data, checkpoint, divergence); 128 + signal when stopped by
 SIGTERM (143) or SIGINT (130) after saving ``last.pt`` at the end of the current step.
