@@ -19,6 +19,7 @@ that looks usable is left behind), the verified fp32 model.onnx stays, export.js
 Writes to <export.out_dir>: model.onnx, model.int8.onnx (optional), export.json (every detail: parity,
 both mAPs, latency, INT8 numbers; written even when a check fails, to show why) and, last and only when
 every check passed, metrics.json (the headline numbers for `dvc metrics show`, see :data:`HEADLINE`).
+A metrics.json or model.int8.onnx left by an earlier run is removed first, so neither describes a failed one.
 """
 from __future__ import annotations
 
