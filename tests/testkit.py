@@ -3,6 +3,7 @@ because tests/conftest.py lives there): the tiny model, pipeline subprocesses, t
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -137,3 +138,24 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
                 for item in record.history.item:
                     row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return rows
+
+
+KILL_SEED_ENV = "NANODET_KILL_SEED"
+
+
+def kill_seeds(default: tuple[int, ...]) -> tuple[int, ...]:
+    """Seeds of the random kill moments of a test: ``default``, or those in NANODET_KILL_SEED (comma-separated
+    integers), to replay a failure whose seed the test printed."""
+    text = os.environ.get(KILL_SEED_ENV, "").strip()
+    if not text:
+        return tuple(default)
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{KILL_SEED_ENV}={text!r}: expected integers separated by commas, e.g. 3 or 0,7") from None
+
+
+def kill_rng(seed: int) -> random.Random:
+    """The random source of a kill test, its seed printed (pytest shows it with a failure) for replaying."""
+    print(f"random kill seed {seed} (replay: {KILL_SEED_ENV}={seed})")
+    return random.Random(seed)
