@@ -27,6 +27,7 @@ BACKBONE_CHANNELS = {  # ShuffleNetV2 stage output channels (stem, stage2, stage
     "1.0x": (24, 116, 232, 464),
     "1.5x": (24, 176, 352, 704),
 }
+PRETRAINED_IMAGENET = "imagenet"  # model.backbone.pretrained value: torchvision's ImageNet weights (torch hub cache)
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,10 @@ class ConfigError(ValueError):
 class BackboneConfig:
     size: str = "1.0x"  # ShuffleNetV2 width multiplier: 0.5x | 1.0x | 1.5x
     out_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    pretrained: str | None = None  # local torchvision-layout ImageNet state dict; never downloaded
+    # ImageNet init: null (official init only) | imagenet (torchvision's weights for this width, from the torch
+    # hub cache, downloaded there when missing; the official presets) | path to a torchvision-layout state dict.
+    # null here (not the official recipe's imagenet) so that code building ModelConfig() never needs weights.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -317,6 +321,12 @@ def check_consistency(cfg: Config) -> None:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             _fail(key, f"'{value}' is not one of {list(allowed)}.{hint}")
     m, d, t = cfg.model, cfg.data, cfg.train
+    pretrained = m.backbone.pretrained  # a bare word close to 'imagenet' that is no file: a typo of it
+    if (pretrained and pretrained != PRETRAINED_IMAGENET and not any(c in pretrained for c in "/\\.")
+            and not os.path.exists(pretrained)
+            and difflib.get_close_matches(pretrained.lower(), [PRETRAINED_IMAGENET], n=1, cutoff=0.75)):
+        _fail("model.backbone.pretrained", f"'{pretrained}' is neither '{PRETRAINED_IMAGENET}' nor an existing "
+              f"file. Did you mean '{PRETRAINED_IMAGENET}'? (null: no ImageNet weights; a path: a local state dict)")
     if m.num_classes < 1:
         _fail("model.num_classes", f"must be >= 1, got {m.num_classes}")
     if d.class_names and len(d.class_names) != m.num_classes:
