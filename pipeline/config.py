@@ -121,13 +121,17 @@ class AugmentConfig:  # official train pipeline (spec section 10), done with alb
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | coco | yolo | voc
-    root: str | None = None  # dataset folder for coco / yolo / voc
+    source: str = "builtin"  # builtin | auto (detect coco / yolo / voc from data.root) | coco | yolo | voc
+    root: str | None = None  # dataset folder for auto / coco / yolo / voc
     train_ann: str | None = None  # coco: annotation json of the training split (relative to root)
     val_ann: str | None = None  # coco: annotation json of the validation split; None -> seeded split
+    test_ann: str | None = None  # coco: annotation json of a test split (None -> test.json etc. if present)
+    ann_dir: str | None = None  # voc: folder of the XML files (relative to root); None -> found under root
+    img_dir: str | None = None  # voc: folder of the images (relative to root); None -> next to / beside the XML
     class_names: list[str] = field(default_factory=list)  # empty -> taken from the data (builtin, coco)
     prepared_dir: str = "data/prepared"
     val_fraction: float = 0.1
+    test_fraction: float = 0.0  # > 0: hold out a seeded test split when the data has none
     split_seed: int = 0
     strict: bool = False  # every validation warning becomes fatal
     input_size: list[int] = field(default_factory=lambda: [320, 320])  # [width, height]
@@ -191,6 +195,7 @@ class EvalConfig:
     confusion_iou: float = 0.5
     confusion_score: float = 0.3
     num_vis_images: int = 16
+    split: str = "val"  # prepared split scored by `python -m pipeline.evaluate`: train | val | test
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -245,7 +250,8 @@ class Config:
 
 CHOICES = {
     "model.backbone.size": tuple(BACKBONE_CHANNELS),
-    "data.source": ("builtin", "coco", "yolo", "voc"),
+    "data.source": ("builtin", "auto", "coco", "yolo", "voc"),
+    "eval.split": ("train", "val", "test"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.on_config_change": ("error", "restart"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
@@ -375,6 +381,9 @@ def check_consistency(cfg: Config) -> None:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if not 0.0 <= d.test_fraction < 1.0 or d.val_fraction + d.test_fraction >= 1.0:
+        _fail("data.test_fraction", f"must be in [0, 1) with data.val_fraction + data.test_fraction < 1, got "
+              f"test_fraction={d.test_fraction}, val_fraction={d.val_fraction}")
     if d.source != "builtin" and not d.root:
         _fail("data.root", f"data.source={d.source} needs data.root (the dataset folder)")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:

@@ -93,6 +93,11 @@ def check_out_dir(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------ the split
 def split_json(cfg: Config, split: str = "val") -> Path:
     path = Path(cfg.data.prepared_dir) / f"{split}.json"
+    if not path.is_file() and split == "test" and (path.parent / "train.json").is_file():
+        raise InferenceError(f"{path} does not exist: prepare found no test split in the data (eval.split=test). "
+                             "Give the data one (VOC ImageSets/Main/test.txt, YOLO data.yaml test:, COCO "
+                             "data.test_ann) or hold one out with data.test_fraction=0.1, then rerun prepare; "
+                             "or score eval.split=val")
     if not path.is_file():
         raise InferenceError(f"{path} does not exist: prepare the data first (`python -m pipeline.prepare`) "
                              "or set data.prepared_dir to the folder holding train.json / val.json")
@@ -170,12 +175,14 @@ def check_classes(detector: Detector, class_names: list[str], gt_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------------ scoring
-def evaluate_detector(detector: Detector, cfg: Config, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run ``detector`` on the prepared val split and score it; with ``out_dir`` also write the artefacts.
+def evaluate_detector(detector: Detector, cfg: Config, out_dir: str | Path | None = None,
+                      split: str = "val") -> dict[str, Any]:
+    """Run ``detector`` on the prepared ``split`` (val, or eval.split for the evaluate stage) and score it; with
+    ``out_dir`` also write the artefacts.
 
     Returns the metrics dict (same on every rank).
     """
-    gt_path = split_json(cfg, "val")
+    gt_path = split_json(cfg, split)
     gt = json.loads(gt_path.read_text())
     class_names = class_names_of(gt)
     check_classes(detector, class_names, gt_path)
@@ -257,8 +264,8 @@ def evaluate_model(cfg: Config, checkpoint: str | Path | None = None) -> dict[st
     # onnxruntime gets torch's thread count (1 per rank under torchrun) instead of every core
     detector = load_detector(path, device=device, input_size=cfg.data.input_size, threads=torch.get_num_threads())
     log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size),
-             split_json(cfg, "val"))
-    metrics = evaluate_detector(detector, cfg, out_dir=cfg.eval.out_dir)
+             split_json(cfg, cfg.eval.split))
+    metrics = evaluate_detector(detector, cfg, out_dir=cfg.eval.out_dir, split=cfg.eval.split)
     log.info("mAP %.4f AP50 %.4f AP75 %.4f (%d images, %d detections)", metrics["mAP"], metrics["AP50"],
              metrics["AP75"], metrics["num_images"], metrics["num_detections"])
     return metrics
