@@ -25,6 +25,20 @@ SEEDS = (0, 1, 2)  # the default; NANODET_KILL_SEED=5 (or 5,9) replays other see
 KILLS_PER_SEED = 2  # one from outside at a random time, one inside a random phase of a random save
 
 
+def test_kill_seeds_are_printed_and_replayable(monkeypatch, capsys):
+    """The random kill moments come from a seed that is printed and can be set again (NANODET_KILL_SEED)."""
+    monkeypatch.delenv("NANODET_KILL_SEED", raising=False)
+    assert kill_seeds(SEEDS) == SEEDS
+    monkeypatch.setenv("NANODET_KILL_SEED", "5, 9")
+    assert kill_seeds(SEEDS) == (5, 9)
+    monkeypatch.setenv("NANODET_KILL_SEED", "five")
+    with pytest.raises(ValueError, match="NANODET_KILL_SEED='five'"):
+        kill_seeds(SEEDS)
+    draws = [kill_rng(9).randint(1, 1000) for _ in range(2)]
+    assert draws[0] == draws[1]  # the same seed gives the same kill moment
+    assert capsys.readouterr().out.count("random kill seed 9 (replay: NANODET_KILL_SEED=9)") == 2
+
+
 def _temps(out: Path) -> list[Path]:
     return sorted(out.glob(".*.tmp.*"))
 
