@@ -36,9 +36,10 @@ def test_single_process_run_writes_all_artefacts(tiny, tiny_data, tmp_path):
     reports = []
     summary = train(cfg, report=lambda epoch, m: reports.append((epoch, m)))
     assert summary["stopped"] == "completed" and summary["steps"] == 8 and summary["epochs_completed"] == 2
-    for name in ("last.pt", "best.pt", "config.yaml", "metrics.json", "plots/train_loss.csv", "plots/val_map.csv"):
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.json", "details.json", "plots/train_loss.csv",
+                 "plots/val_map.csv"):
         assert (out / name).is_file(), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_metrics(out)
     assert {"best", "final", "train", "best_map", "per_class_AP"} <= set(metrics)
     assert set(metrics["per_class_AP"]) == {"circle", "triangle", "square"}
     assert all(np.isfinite(metrics["train"][k]) for k in LOSS_TERMS)
