@@ -95,7 +95,7 @@ def split_pool(raw: dict, val_fraction: float, seed: int, test_fraction: float =
     val_ids, test_ids = set(order[:n_val]), set(order[n_val:n_val + n_test])
 
     def part(keep) -> dict:
-        return {"source": raw["source"], "images": [im for im in raw["images"] if keep(im["id"])],
+        return {**raw, "images": [im for im in raw["images"] if keep(im["id"])],
                 "annotations": [a for a in raw["annotations"] if keep(a["image_id"])]}
 
     rest = part(lambda i: i not in val_ids and i not in test_ids)

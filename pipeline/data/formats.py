@@ -633,7 +633,8 @@ def read_voc(root: str | None, class_names: Sequence[str], issues: Issues, ann_d
                 images.append(parsed[0])
                 annotations += parsed[1]
                 seen.update(a["category"] for a in parsed[1])
-        splits[split] = {"source": f"{where} ({split})", "images": images, "annotations": annotations}
+        splits[split] = {"source": f"{where} ({split})", "images": images, "annotations": annotations,
+                         "hint": "set data.img_dir to the folder of the images (relative to data.root)"}
     if not class_names:
         class_names = sorted(seen)
         issues.info("class_names_derived", f"data.class_names is unset: using the sorted object names of the VOC "

@@ -227,7 +227,8 @@ def validate_split(raw: dict, class_names: Sequence[str], split: str, issues: Is
         first = raw["images"][0]
         tried = ", ".join(str(t) for t in first.get("tried", [first.get("path")]))
         issues.fatal(f"{split}: none of the {len(raw['images'])} images could be opened (first: "
-                     f"'{first['file_name']}', looked for {tried}); data.root or the file paths are probably wrong")
+                     f"'{first['file_name']}', looked for {tried}); "
+                     + raw.get("hint", "data.root or the file paths are probably wrong"))
     cat_id = {name: k + 1 for k, name in enumerate(class_names)}
     all_ids = {im["id"] for im in raw["images"]}
     unknown_names: Counter[str] = Counter()

@@ -68,7 +68,8 @@ def test_voc_ann_dir_and_img_dir_keys(tmp_path, make_cfg, write_image):
     images are not found and the error says where it looked."""
     root = voc_tree(tmp_path / "set", write_image, n=6, ann="xml_files", img="pics")
     over = ("data=voc", f"data.root={root}", "data.class_names=[raccoon]", "model.num_classes=1")
-    with pytest.raises(DataError, match=r"train: none of the \d images could be opened .*looked for .*xml_files"):
+    with pytest.raises(DataError, match=r"train: none of the \d images could be opened .*looked for .*xml_files.*; "
+                                        r"set data.img_dir to the folder of the images"):
         prepare(make_cfg(tmp_path / "p", *over))
     report = prepare(make_cfg(tmp_path / "p", *over, "data.ann_dir=xml_files", "data.img_dir=pics"))
     assert split_sizes(report) == {"train": (5, 5), "val": (1, 1)} and report["num_warnings"] == 0
