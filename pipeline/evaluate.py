@@ -261,10 +261,10 @@ def evaluate_model(cfg: Config, checkpoint: str | Path | None = None) -> dict[st
     path = Path(checkpoint or cfg.eval.checkpoint)
     if dist.is_main():
         check_out_dir(Path(cfg.eval.out_dir))
+    gt_path = split_json(cfg, cfg.eval.split)  # a missing split stops before the model is loaded
     # onnxruntime gets torch's thread count (1 per rank under torchrun) instead of every core
     detector = load_detector(path, device=device, input_size=cfg.data.input_size, threads=torch.get_num_threads())
-    log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size),
-             split_json(cfg, cfg.eval.split))
+    log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size), gt_path)
     metrics = evaluate_detector(detector, cfg, out_dir=cfg.eval.out_dir, split=cfg.eval.split)
     log.info("mAP %.4f AP50 %.4f AP75 %.4f (%d images, %d detections)", metrics["mAP"], metrics["AP50"],
              metrics["AP75"], metrics["num_images"], metrics["num_detections"])
