@@ -386,6 +386,9 @@ def check_consistency(cfg: Config) -> None:
               f"test_fraction={d.test_fraction}, val_fraction={d.val_fraction}")
     if d.source != "builtin" and not d.root:
         _fail("data.root", f"data.source={d.source} needs data.root (the dataset folder)")
+    if d.source == "builtin" and d.root:
+        _fail("data.root / data.source", f"data.root='{d.root}' is set but data.source=builtin generates its own "
+              "data and would ignore it; add data=auto (or data.source=auto|coco|yolo|voc) to read that folder")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         _fail("data.mean / data.std", "need 3 values each (BGR) and positive std")
     if t.epochs < 1:

@@ -267,6 +267,8 @@ def test_new_keys_are_validated():
         compose(["eval.split=tset"])
     with pytest.raises(ConfigError, match=r"data.test_fraction: must be in \[0, 1\) with data.val_fraction"):
         compose(["data.test_fraction=0.9", "data.val_fraction=0.2"])
+    with pytest.raises(ConfigError, match=r"data.root='/data/raccoon' is set but data.source=builtin .*add data=auto"):
+        compose(["data.root=/data/raccoon"])  # forgetting data=...: not a silent run on the built-in shapes
     cfg = compose(["data=auto", "data.root=/x", "data.ann_dir=a", "data.img_dir=b", "data.test_ann=t.json"])
     assert (cfg.data.source, cfg.data.ann_dir, cfg.eval.split, cfg.data.test_fraction) == ("auto", "a", "val", 0.0)
 
