@@ -30,6 +30,7 @@ BACKBONE_CHANNELS = {  # ShuffleNetV2 stage output channels (stem, stage2, stage
     "1.0x": (24, 116, 232, 464),
     "1.5x": (24, 176, 352, 704),
 }
+PRETRAINED_IMAGENET = "imagenet"  # model.backbone.pretrained value: torchvision's ImageNet weights (torch hub cache)
 
 
 class ConfigError(UserError, ValueError):
@@ -41,7 +42,10 @@ class ConfigError(UserError, ValueError):
 class BackboneConfig:
     size: str = "1.0x"  # ShuffleNetV2 width multiplier: 0.5x | 1.0x | 1.5x
     out_stages: list[int] = field(default_factory=lambda: [2, 3, 4])
-    pretrained: str | None = None  # local torchvision-layout ImageNet state dict; never downloaded
+    # ImageNet init: null (official init only) | imagenet (torchvision's weights for this width, from the torch
+    # hub cache, downloaded there when missing; the official presets) | path to a torchvision-layout state dict.
+    # null here (not the official recipe's imagenet) so that code building ModelConfig() never needs weights.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -120,13 +124,17 @@ class AugmentConfig:  # official train pipeline (spec section 10), done with alb
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | coco | yolo | voc
-    root: str | None = None  # dataset folder for coco / yolo / voc
+    source: str = "builtin"  # builtin | auto (detect coco / yolo / voc from data.root) | coco | yolo | voc
+    root: str | None = None  # dataset folder for auto / coco / yolo / voc
     train_ann: str | None = None  # coco: annotation json of the training split (relative to root)
     val_ann: str | None = None  # coco: annotation json of the validation split; None -> seeded split
+    test_ann: str | None = None  # coco: annotation json of a test split (None -> test.json etc. if present)
+    ann_dir: str | None = None  # voc: folder of the XML files (relative to root); None -> found under root
+    img_dir: str | None = None  # voc: folder of the images (relative to root); None -> next to / beside the XML
     class_names: list[str] = field(default_factory=list)  # empty -> taken from the data (builtin, coco)
     prepared_dir: str = "data/prepared"
     val_fraction: float = 0.1
+    test_fraction: float = 0.0  # > 0: hold out a seeded test split when the data has none
     split_seed: int = 0
     strict: bool = False  # every validation warning becomes fatal
     input_size: list[int] = field(default_factory=lambda: [320, 320])  # [width, height]
@@ -190,6 +198,7 @@ class EvalConfig:
     confusion_iou: float = 0.5
     confusion_score: float = 0.3
     num_vis_images: int = 16
+    split: str = "val"  # prepared split scored by `python -m pipeline.evaluate`: train | val | test
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -205,6 +214,7 @@ class ExportConfig:
     map_tolerance: float = 0.002
     int8: bool = False
     calib_images: int = 64
+    int8_max_map_drop: float = 0.01  # the stage fails when INT8 mAP is more than this below the fp32 ONNX mAP
 
 
 # --------------------------------------------------------------------------------------- predict
@@ -243,7 +253,8 @@ class Config:
 
 CHOICES = {
     "model.backbone.size": tuple(BACKBONE_CHANNELS),
-    "data.source": ("builtin", "coco", "yolo", "voc"),
+    "data.source": ("builtin", "auto", "coco", "yolo", "voc"),
+    "eval.split": ("train", "val", "test"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.on_config_change": ("error", "restart"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
@@ -335,6 +346,12 @@ def check_consistency(cfg: Config) -> None:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             _fail(key, f"'{value}' is not one of {list(allowed)}.{hint}")
     m, d, t = cfg.model, cfg.data, cfg.train
+    pretrained = m.backbone.pretrained  # a bare word close to 'imagenet' that is no file: a typo of it
+    if (pretrained and pretrained != PRETRAINED_IMAGENET and not any(c in pretrained for c in "/\\.")
+            and not os.path.exists(pretrained)
+            and difflib.get_close_matches(pretrained.lower(), [PRETRAINED_IMAGENET], n=1, cutoff=0.75)):
+        _fail("model.backbone.pretrained", f"'{pretrained}' is neither '{PRETRAINED_IMAGENET}' nor an existing "
+              f"file. Did you mean '{PRETRAINED_IMAGENET}'? (null: no ImageNet weights; a path: a local state dict)")
     if m.num_classes < 1:
         _fail("model.num_classes", f"must be >= 1, got {m.num_classes}")
     if d.class_names and len(d.class_names) != m.num_classes:
@@ -383,8 +400,14 @@ def check_consistency(cfg: Config) -> None:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if not 0.0 <= d.test_fraction < 1.0 or d.val_fraction + d.test_fraction >= 1.0:
+        _fail("data.test_fraction", f"must be in [0, 1) with data.val_fraction + data.test_fraction < 1, got "
+              f"test_fraction={d.test_fraction}, val_fraction={d.val_fraction}")
     if d.source != "builtin" and not d.root:
         _fail("data.root", f"data.source={d.source} needs data.root (the dataset folder)")
+    if d.source == "builtin" and d.root:
+        _fail("data.root / data.source", f"data.root='{d.root}' is set but data.source=builtin generates its own "
+              "data and would ignore it; add data=auto (or data.source=auto|coco|yolo|voc) to read that folder")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         _fail("data.mean / data.std", "need 3 values each (BGR) and positive std")
     if t.epochs < 1:
@@ -401,6 +424,9 @@ def check_consistency(cfg: Config) -> None:
         _fail("train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     if m.detach_epoch < 0:
         _fail("model.detach_epoch", f"must be >= 0, got {m.detach_epoch}")
+    drop = cfg.export.int8_max_map_drop
+    if not 0.0 <= drop <= 1.0:
+        _fail("export.int8_max_map_drop", f"must be in [0, 1] (an mAP difference), got {drop}")
 
 
 # ---------------------------------------------------------------------------------- composition

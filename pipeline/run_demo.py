@@ -15,13 +15,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ARTEFACTS = [
     ("prepared data + report", "data/prepared/report.json"),
-    ("training metrics", "runs/train/metrics.json"),
+    ("training metrics (dvc metrics)", "runs/train/metrics.json"),
+    ("training details (per-class AP, ...)", "runs/train/details.json"),
     ("training curves (dvc plots)", "runs/train/plots/"),
     ("best checkpoint (EMA)", "runs/train/best.pt"),
-    ("evaluation metrics", "runs/evaluate/metrics.json"),
+    ("evaluation metrics (dvc metrics)", "runs/evaluate/metrics.json"),
+    ("evaluation details (per-class AP, ...)", "runs/evaluate/details.json"),
     ("PR curves, confusion matrix, predictions", "runs/evaluate/figures/"),
     ("ONNX model", "runs/export/model.onnx"),
-    ("export verification", "runs/export/export.json"),
+    ("export metrics (dvc metrics)", "runs/export/metrics.json"),
+    ("export verification report", "runs/export/export.json"),
 ]
 
 

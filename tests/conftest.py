@@ -1,4 +1,9 @@
-"""Shared fixtures: the golden tensors of the official implementation and small configs."""
+"""Shared fixtures: the golden tensors of the official implementation, the shared real data, small configs.
+
+The shared folders (../shared/golden: NANODET_GOLDEN_DIR, ../shared/data: NANODET_SHARED_DATA_DIR) follow one
+rule, in sharedkit.require_folder: a test needing a missing one is skipped with the folder in the reason,
+except under CI (CI=true), where it fails naming the folder.
+"""
 from __future__ import annotations
 
 import os
@@ -6,32 +11,43 @@ from pathlib import Path
 
 import pytest
 import torch
+from sharedkit import GOLDEN, GOLDEN_MAIN, SHARED_DATA, Folder, require_folder
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("NANODET_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
-
-
-def golden_files() -> list[Path]:
-    return sorted(GOLDEN_DIR.glob("*.pt")) if GOLDEN_DIR.is_dir() else []
-
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not golden_files():
-        pytest.skip(f"golden fixtures not found in {GOLDEN_DIR} (set NANODET_GOLDEN_DIR to the folder "
-                    "holding the official-implementation .pt files)")
-    return GOLDEN_DIR
+    """../shared/golden (NANODET_GOLDEN_DIR): the .pt files made by the official implementation."""
+    return require_folder(GOLDEN)
 
 
 @pytest.fixture(scope="session")
 def golden(golden_dir: Path) -> dict:
     """The main golden file (1.0x, 3 classes, 128x128)."""
-    return torch.load(golden_dir / "m_1.0x_c3_h128_w128.pt", weights_only=True)
+    path = golden_dir / GOLDEN_MAIN
+    if not path.is_file():
+        pytest.fail(f"golden file {path} is missing ({golden_dir} holds "
+                    f"{sorted(p.name for p in golden_dir.glob('*.pt'))})", pytrace=False)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """../shared/data (NANODET_SHARED_DATA_DIR): real data sets for end-to-end tests."""
+    return require_folder(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def raccoon_dir(shared_data_dir: Path) -> Path:
+    """The raccoon data set (VOC XML in annotations/, JPEG in images/) inside the shared data folder."""
+    root = shared_data_dir / "raccoon"
+    require_folder(Folder(root / "annotations", "*.xml", "NANODET_SHARED_DATA_DIR", "raccoon annotations"))
+    require_folder(Folder(root / "images", "*.jpg", "NANODET_SHARED_DATA_DIR", "raccoon images"))
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ because tests/conftest.py lives there): the tiny model, pipeline subprocesses, t
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -82,3 +83,79 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, stop_
 
 def train_cli(overrides: list[str], cwd: Path, **kw) -> tuple[int, str, int]:
     return run_cli(["-m", "pipeline.train", *overrides, f"hydra.run.dir={cwd / 'hydra'}"], cwd, **kw)
+
+
+def run_metrics(out_dir: Path) -> dict:
+    """A training run's summary: ``metrics.json`` (headline figures) merged with ``details.json`` beside it
+    when that exists (the detail keys, same names as metrics.json had before they moved)."""
+    import json
+
+    out_dir = Path(out_dir)
+    merged = json.loads((out_dir / "metrics.json").read_text())
+    if (out_dir / "details.json").is_file():
+        merged.update(json.loads((out_dir / "details.json").read_text()))
+    return merged
+
+
+def read_csv_rows(path: Path) -> list[dict[str, float]]:
+    """A plot CSV (plots/train_loss.csv, plots/val_map.csv) as rows of floats (empty cells: NaN)."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """The history rows of an offline W&B run file (``run-<id>.wandb``): {step: {key: value}}.
+
+    The file is a LevelDB-style log (wandb's own format: a 7-byte ``:W&B`` header, then 32 KiB blocks of
+    records with a 7-byte header - CRC, length, type FULL/FIRST/MIDDLE/LAST - never straddling a block end)
+    whose payloads are ``wandb_internal_pb2.Record`` messages; history items hold JSON values under ``key``
+    or ``nested_key``. Rows logged for the same step are merged."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, pos, parts, rows = 32768, 7, [], {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one record complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            if record.WhichOneof("record_type") == "history":
+                row = rows.setdefault(int(record.history.step.num), {})
+                for item in record.history.item:
+                    row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return rows
+
+
+KILL_SEED_ENV = "NANODET_KILL_SEED"
+
+
+def kill_seeds(default: tuple[int, ...]) -> tuple[int, ...]:
+    """Seeds of the random kill moments of a test: ``default``, or those in NANODET_KILL_SEED (comma-separated
+    integers), to replay a failure whose seed the test printed."""
+    text = os.environ.get(KILL_SEED_ENV, "").strip()
+    if not text:
+        return tuple(default)
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{KILL_SEED_ENV}={text!r}: expected integers separated by commas, e.g. 3 or 0,7") from None
+
+
+def kill_rng(seed: int) -> random.Random:
+    """The random source of a kill test, its seed printed (pytest shows it with a failure) for replaying."""
+    print(f"random kill seed {seed} (replay: {KILL_SEED_ENV}={seed})")
+    return random.Random(seed)

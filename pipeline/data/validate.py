@@ -46,6 +46,7 @@ class Issues:
         self.counts: Counter[str] = Counter()
         self.severity: dict[str, str] = {}
         self.examples: dict[str, list[str]] = defaultdict(list)
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (split, class) -> boxes of classes not configured
 
     def _add(self, code: str, severity: str, message: str, count: int) -> None:
         self.counts[code] += count
@@ -223,7 +224,8 @@ def validate_split(raw: dict, class_names: Sequence[str], split: str, issues: Is
         first = raw["images"][0]
         tried = ", ".join(str(t) for t in first.get("tried", [first.get("path")]))
         issues.fatal(f"{split}: none of the {len(raw['images'])} images could be opened (first: "
-                     f"'{first['file_name']}', looked for {tried}); data.root or the file paths are probably wrong")
+                     f"'{first['file_name']}', looked for {tried}); "
+                     + raw.get("hint", "data.root or the file paths are probably wrong"))
     cat_id = {name: k + 1 for k, name in enumerate(class_names)}
     all_ids = {im["id"] for im in raw["images"]}
     unknown_names: Counter[str] = Counter()
@@ -254,9 +256,10 @@ def validate_split(raw: dict, class_names: Sequence[str], split: str, issues: Is
         annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat_id[name],
                             "bbox": box, "area": box[2] * box[3], "iscrowd": crowd})
     for name, n in sorted(unknown_names.items()):
-        issues.warn("class_not_in_config", f"{split}: {n} box(es) of class '{name}', which is not in "
-                    f"data.class_names {list(class_names)}; dropped. Add it to data.class_names (and "
-                    "model.num_classes) to train on it.", count=n)
+        issues.dropped[(split, name)] += n
+        issues.warn("class_not_in_config", f"{split}: '{name}': {n} box(es) dropped (not in data.class_names "
+                    f"{list(class_names)}). Add it to data.class_names (and model.num_classes) to train on it; "
+                    "data.strict=true refuses such data.", count=n)
     coco = {"images": sorted(images.values(), key=lambda im: im["id"]), "annotations": annotations,
             "categories": [{"id": k + 1, "name": n, "supercategory": "object"} for k, n in enumerate(class_names)]}
     _check_content(coco, class_names, split, issues)

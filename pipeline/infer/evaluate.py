@@ -5,14 +5,17 @@ evaluate stage (``python -m pipeline.evaluate``), PR curves, a confusion matrix 
 Under torchrun every rank runs its shard of the images; the COCO detections are all-gathered and rank 0
 scores them and writes (spec section 12):
 
-    <eval.out_dir>/metrics.json          mAP, AP50, AP75, APs/m/l, AR1/10/100, per-class AP and AP50
+    <eval.out_dir>/metrics.json          headline numbers for `dvc metrics show`: mAP, AP50, AP75, APs/m/l,
+                                         AR1/10/100, image and detection counts (see HEADLINE)
+    <eval.out_dir>/details.json          everything: the above plus per-class AP and AP50, model, backend,
+                                         input size (not a DVC metric)
     <eval.out_dir>/pr_curves.csv         class, recall, precision (IoU 0.5; for `dvc plots`)
     <eval.out_dir>/confusion_matrix.json rows = ground truth, columns = predicted, last = background
     <eval.out_dir>/detections.json       COCO results (original-image pixels)
     <eval.out_dir>/figures/              pr_curves.png, confusion_matrix.png, predictions.png
 
-metrics.json is written last and atomically (after the old one is removed), so its presence means a
-complete set of outputs from one run.
+metrics.json is written last and atomically (after the old one is removed; details.json just before it),
+so its presence means a complete set of outputs from one run.
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ from pipeline.logging import get_logger
 log = get_logger("pipeline.evaluate")
 
 GRID_CELL = 320  # pixels per tile of the predictions grid
+# The keys of metrics.json (the DVC metric, kept to flat headline numbers so `dvc metrics show` stays
+# readable); details.json holds the full metrics dict, per-class values included.
+HEADLINE = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "num_images", "num_detections")
 
 
 # what the stage reports beside the COCO numbers (describes the run; training validation drops it)
@@ -71,6 +77,11 @@ def check_out_dir(out_dir: Path) -> None:
 def split_json(cfg: Config, split: str = "val") -> Path:
     """The prepared split's json (:func:`pipeline.data.formats.prepared_json`); an error when it is missing."""
     path = prepared_json(cfg, split)
+    if not path.is_file() and split == "test" and (path.parent / "train.json").is_file():
+        raise InferenceError(f"{path} does not exist: prepare found no test split in the data (eval.split=test). "
+                             "Give the data one (VOC ImageSets/Main/test.txt, YOLO data.yaml test:, COCO "
+                             "data.test_ann) or hold one out with data.test_fraction=0.1, then rerun prepare; "
+                             "or score eval.split=val")
     if not path.is_file():
         raise InferenceError(f"{path} does not exist: prepare the data first (`python -m pipeline.prepare`) "
                              "or set data.prepared_dir to the folder holding train.json / val.json")
@@ -161,13 +172,13 @@ def load_gt(gt_json: str | Path) -> tuple[Any, list[str]]:
 
 
 def evaluate_detector(detector: Detector, cfg: Config, out_dir: str | Path | None = None,
-                      return_detections: bool = False) -> dict[str, Any]:
+                      return_detections: bool = False, split: str = "val") -> dict[str, Any]:
     """THE evaluation function, for the evaluate stage, export verification and validation during training:
-    run ``detector`` on the prepared val split (sharded over torchrun ranks, gathered), score it on rank 0
+    run ``detector`` on the prepared ``split`` (val; eval.split for the evaluate stage) (sharded over torchrun ranks, gathered), score it on rank 0
     and broadcast the metrics (the same dict on every rank). With ``out_dir`` rank 0 also writes the
     artefacts; with ``return_detections`` rank 0's result also holds "detections" (COCO result dicts).
     """
-    gt_path = split_json(cfg, "val")
+    gt_path = split_json(cfg, split)
     coco, class_names = load_gt(gt_path)
     gt = coco.dataset
     check_classes(detector, class_names, gt_path)
@@ -212,7 +223,9 @@ def write_artifacts(out_dir: Path, coco, json_dir: Path, dets: list[dict], ev, m
     viz.plot_confusion_matrix(matrix, class_names, figures / "confusion_matrix.png")
     write_prediction_grid(coco, json_dir, per_dets, per_gts, class_names, e.num_vis_images, e.confusion_score,
                           figures / "predictions.png")
-    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the set complete
+    atomic_write(out_dir / "details.json", json.dumps(metrics, indent=2))
+    headline = {k: metrics[k] for k in HEADLINE}
+    atomic_write(out_dir / "metrics.json", json.dumps(headline, indent=2))  # last: marks the set complete
     log.info("wrote metrics, curves, confusion matrix and predictions to %s", out_dir)
 
 
@@ -239,11 +252,11 @@ def evaluate_model(cfg: Config, checkpoint: str | Path | None = None) -> dict[st
     path = Path(checkpoint or cfg.eval.checkpoint)
     if dist.is_main():
         check_out_dir(Path(cfg.eval.out_dir))
+    gt_path = split_json(cfg, cfg.eval.split)  # a missing split stops before the model is loaded
     # onnxruntime gets torch's thread count (1 per rank under torchrun) instead of every core
     detector = load_detector(path, device=device, input_size=cfg.data.input_size, threads=torch.get_num_threads())
-    log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size),
-             split_json(cfg, "val"))
-    metrics = evaluate_detector(detector, cfg, out_dir=cfg.eval.out_dir)
+    log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size), gt_path)
+    metrics = evaluate_detector(detector, cfg, out_dir=cfg.eval.out_dir, split=cfg.eval.split)
     log.info("mAP %.4f AP50 %.4f AP75 %.4f (%d images, %d detections)", metrics["mAP"], metrics["AP50"],
              metrics["AP75"], metrics["num_images"], metrics["num_detections"])
     return metrics

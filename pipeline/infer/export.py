@@ -13,8 +13,14 @@ Everything needed to run the file is in ``metadata_props`` (see :func:`build_met
 
 Verification (fails the stage): onnxruntime vs PyTorch on real validation images (max |diff| <= export.atol)
 and the ONNX mAP on the val split within export.map_tolerance of the PyTorch mAP. Optional INT8 static
-quantization (QDQ, per-channel) reports its mAP drop and speed-up. Writes <export.out_dir>/model.onnx,
-model.int8.onnx (optional) and export.json.
+quantization (QDQ, per-channel) reports its mAP drop and speed-up, and fails the stage when its mAP is more
+than export.int8_max_map_drop below the fp32 ONNX mAP: the rejected model.int8.onnx is deleted (no file
+that looks usable is left behind), the verified fp32 model.onnx stays, export.json records the numbers.
+
+Writes to <export.out_dir>: model.onnx, model.int8.onnx (optional), export.json (every detail: parity,
+both mAPs, latency, INT8 numbers; written even when a check fails, to show why) and, last and only when
+every check passed, metrics.json (the headline numbers for `dvc metrics show`, see :data:`HEADLINE`).
+A metrics.json or model.int8.onnx left by an earlier run is removed first, so neither describes a failed one.
 """
 from __future__ import annotations
 
@@ -188,9 +194,16 @@ def check_parity(module: ExportModule, onnx_det: OnnxDetector, images: np.ndarra
 
 
 def export_model(cfg: Config) -> dict[str, Any]:
-    """Export ``export.checkpoint``, verify it, optionally quantize; returns the export.json dict."""
+    """Export ``export.checkpoint``, verify it, optionally quantize; returns the export.json dict.
+
+    Raises ExportError when a check fails (after writing export.json; metrics.json is then absent).
+    """
     e = cfg.export
     out_dir = Path(e.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the old headline and INT8 model must not describe the new export if this run fails
+    for stale in ("metrics.json", "model.int8.onnx"):
+        (out_dir / stale).unlink(missing_ok=True)
     torch_det = TorchDetector(e.checkpoint, device="cpu", input_size=cfg.data.input_size)
     pre = torch_det.preprocessing
     module = ExportModule(torch_det.model, pre.input_hw, e.decode_in_graph)
@@ -219,14 +232,53 @@ def export_model(cfg: Config) -> dict[str, Any]:
     one = images[:1]
     report["latency_ms"] = {"torch": latency_stats(lambda: module(torch.from_numpy(one))),
                             "onnxruntime": latency_stats(lambda: onnx_det.forward(one))}
+    int8_error = None
     if e.int8:
         report["int8"] = export_int8(onnx_path, meta, cfg, map_onnx, one, report["latency_ms"])
+        int8_error = check_int8_drop(report["int8"], map_onnx, e.int8_max_map_drop, onnx_path)
     atomic_write(out_dir / "export.json", json.dumps(report, indent=2))
     if not report["map_diff"] <= e.map_tolerance:
         raise ExportError(f"ONNX mAP {map_onnx:.4f} differs from PyTorch mAP {map_torch:.4f} by "
                           f"{report['map_diff']:.4f} (> export.map_tolerance={e.map_tolerance}); see {out_dir}/export.json")
+    if int8_error:
+        raise ExportError(int8_error)
+    atomic_write(out_dir / "metrics.json", json.dumps(headline(report), indent=2))  # last: every check passed
     log.info("exported %s: mAP torch %.4f onnx %.4f", onnx_path, map_torch, map_onnx)
     return report
+
+
+# The numbers `dvc metrics show` prints for the export stage (runs/export/metrics.json); the rest of the
+# report (latency percentiles, sizes, settings) stays in export.json, which DVC does not read as a metric.
+HEADLINE = ("map_torch", "map_onnx", "map_diff", "max_abs_diff", "onnxruntime_p50_ms",
+            "int8_map", "int8_map_drop", "int8_speedup_vs_fp32")
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """The flat headline numbers of an export report (the INT8 ones only when INT8 was exported)."""
+    flat = {k: report[k] for k in ("map_torch", "map_onnx", "map_diff", "max_abs_diff")}
+    flat["onnxruntime_p50_ms"] = report["latency_ms"]["onnxruntime"]["p50_ms"]
+    if "int8" in report:
+        q = report["int8"]
+        flat.update(int8_map=q["map"], int8_map_drop=q["map_drop"], int8_speedup_vs_fp32=q["speedup_vs_fp32"])
+    return {k: float(flat[k]) for k in HEADLINE if k in flat}
+
+
+def check_int8_drop(int8: dict[str, Any], map_fp32: float, max_drop: float, fp32_path: Path) -> str | None:
+    """None when the INT8 mAP is within ``max_drop`` of ``map_fp32``; otherwise delete the INT8 file, mark
+    the report (``int8["rejected"]``) and return the error message for the stage to raise."""
+    drop = int8["map_drop"]
+    int8["max_map_drop"] = max_drop
+    # 1e-9: a drop equal to the bound passes even when the subtraction rounds a hair above it
+    if drop <= max_drop + 1e-9:
+        int8["rejected"] = False
+        return None
+    int8_path = Path(int8["path"])
+    int8_path.unlink(missing_ok=True)
+    int8["rejected"], int8["path"] = True, None
+    return (f"INT8 mAP {int8['map']:.4f} is {drop:.4f} below the fp32 ONNX mAP {map_fp32:.4f}, more than "
+            f"export.int8_max_map_drop={max_drop}; the INT8 model was deleted ({int8_path}), the verified fp32 "
+            f"model {fp32_path} is kept. Calibrate on more images (export.calib_images), allow a larger drop "
+            "(export.int8_max_map_drop) or export without INT8 (export.int8=false)")
 
 
 # ------------------------------------------------------------------------------------------- INT8

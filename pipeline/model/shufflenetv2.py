@@ -2,22 +2,40 @@
 
 Stem (3x3 s2 conv + BN + act, 3x3 s2 max-pool), then stages 2-4 of [4, 8, 4] ShuffleV2 blocks; no conv5.
 Returns the outputs of ``out_stages`` (strides 8, 16, 32). Activation is LeakyReLU(0.1) and the
-weights are initialised like the official code; ImageNet weights are only ever read from a local
-file in torchvision's key layout (``cfg.model.backbone.pretrained``), never downloaded.
+weights are initialised like the official code. ``cfg.model.backbone.pretrained`` then loads ImageNet
+weights in torchvision's key layout: ``imagenet`` takes torchvision's own ShuffleNetV2 weights for the
+configured width through its weights API (the torch hub cache, ``$TORCH_HOME/hub/checkpoints``,
+downloaded there when missing), a path reads a local file. Both go through :meth:`ShuffleNetV2.load_pretrained`
+(one key mapping: torchvision's names are ours; its ``conv5``/``fc`` are skipped, as in NanoDet).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import torchvision.models
 from torch import nn
 
-from pipeline.config import BACKBONE_CHANNELS
+from pipeline.config import BACKBONE_CHANNELS, PRETRAINED_IMAGENET
 from pipeline.errors import UserError
 from pipeline.model.layers import DepthwiseConv2d, activation
 
+log = logging.getLogger(__name__)
+
 STAGE_REPEATS = (4, 8, 4)
 TORCHVISION_ONLY = ("conv5.", "fc.")  # torchvision's head layers, which NanoDet does not use
+IMAGENET = PRETRAINED_IMAGENET  # the model.backbone.pretrained value for torchvision's ImageNet weights
+IMAGENET_WEIGHTS = {  # model.backbone.size -> torchvision.models weights enum (member IMAGENET1K_V1)
+    "0.5x": "ShuffleNet_V2_X0_5_Weights",
+    "1.0x": "ShuffleNet_V2_X1_0_Weights",
+    "1.5x": "ShuffleNet_V2_X1_5_Weights",
+}
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an unreachable server fails in seconds, not minutes
 
 
 class PretrainedWeightsError(UserError, ValueError):
@@ -134,14 +152,22 @@ class ShuffleNetV2(nn.Module):
                 break
         return tuple(outputs)
 
-    def load_pretrained(self, path: str | Path) -> int:
-        """Load ImageNet weights from a local torchvision-layout state dict; returns the tensor count.
+    def load_pretrained(self, source: str | Path) -> int:
+        """Load ImageNet weights into the backbone; returns the number of tensors loaded.
 
-        torchvision's ``conv5.*``/``fc.*`` entries are skipped (NanoDet has no conv5); every other key
-        must exist here with the same shape, and every backbone weight must be in the file.
+        ``source`` is ``"imagenet"`` (torchvision's weights for this width, from the torch hub cache,
+        downloaded when missing) or a local state dict in torchvision's key layout. torchvision's
+        ``conv5.*``/``fc.*`` entries are skipped (NanoDet has no conv5); every other key must exist here
+        with the same shape, and every backbone weight must be in the file (BatchNorm
+        ``num_batches_tracked`` counters, which older torchvision files lack, may be absent).
         """
-        state = _read_state_dict(Path(path))
+        if str(source) == IMAGENET:
+            cached = imagenet_cache_file(self.model_size)
+            state, label = _read_imagenet_state_dict(self.model_size), f"{IMAGENET} ({cached})"
+        else:
+            state, label = _read_state_dict(Path(source)), str(source)
         own = self.state_dict()
+        skipped = [k for k in state if k not in own and k.startswith(TORCHVISION_ONLY)]
         unexpected = [k for k in state if k not in own and not k.startswith(TORCHVISION_ONLY)]
         mismatched = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
                       for k in state if k in own and state[k].shape != own[k].shape]
@@ -156,13 +182,83 @@ class ShuffleNetV2(nn.Module):
             if unexpected:
                 parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
             raise PretrainedWeightsError(
-                f"model.backbone.pretrained={path}: does not fit ShuffleNetV2 {self.model_size}: "
+                f"model.backbone.pretrained={label}: does not fit ShuffleNetV2 {self.model_size}: "
                 + " | ".join(parts)
                 + ". Expected torchvision's shufflenet_v2_x" + self.model_size[:-1].replace(".", "_")
                 + " ImageNet state dict (keys conv1.0.weight, stage2.0.branch1.0.weight, ...).")
         fitting = {k: v for k, v in state.items() if k in own}
         self.load_state_dict(fitting, strict=False)
+        counters = len(own) - len(fitting)  # only num_batches_tracked can be absent here (checked above)
+        log.info("ShuffleNetV2 %s backbone: loaded %d of its %d tensors from %s%s; skipped %d torchvision-only "
+                 "keys (%s)", self.model_size, len(fitting), len(own), label,
+                 f" ({counters} BatchNorm num_batches_tracked counters not in the file stay 0)" if counters else "",
+                 len(skipped), ", ".join(skipped) or "none")
         return len(fitting)
+
+
+def imagenet_weights(model_size: str):  # -> torchvision.models.WeightsEnum member
+    """torchvision's ImageNet weights (``IMAGENET1K_V1``) of the ShuffleNetV2 with this width."""
+    name = IMAGENET_WEIGHTS.get(model_size)
+    if name is None:
+        raise PretrainedWeightsError(
+            f"model.backbone.pretrained={IMAGENET}: no torchvision ImageNet weights for model.backbone.size="
+            f"{model_size!r}; sizes with weights: {list(IMAGENET_WEIGHTS)}. Use one of them, a local file, "
+            "or model.backbone.pretrained=null.")
+    return getattr(torchvision.models, name).IMAGENET1K_V1
+
+
+def imagenet_cache_file(model_size: str) -> Path:
+    """Where torch.hub keeps (and looks for) the weights: ``torch.hub.get_dir()/checkpoints/<url file name>``."""
+    url = imagenet_weights(model_size).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """torch.hub's urlopen has no timeout: bound each socket operation unless the user already set a default."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _read_imagenet_state_dict(model_size: str) -> dict[str, torch.Tensor]:
+    """torchvision's weights API: the cached file, or a download into the cache (hash-checked), read with
+    ``weights_only=True``. Offline with an empty cache: one error naming the file, its folder and the URL."""
+    weights = imagenet_weights(model_size)
+    cached = imagenet_cache_file(model_size)
+    was_cached = cached.is_file()
+    if not was_cached:
+        log.info("downloading torchvision's ShuffleNetV2 %s ImageNet weights %s -> %s", model_size, weights.url,
+                 cached)
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - URLError, timeout, hash mismatch, unreadable file: one message
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if not cached.is_file():
+            raise PretrainedWeightsError(
+                f"model.backbone.pretrained={IMAGENET}: torchvision's ShuffleNetV2 {model_size} ImageNet weights "
+                f"are not in the torch hub cache and the download failed ({detail}). Fetch {weights.url} on a "
+                f"machine with internet and place it as {cached} (folder {cached.parent}: $TORCH_HOME/hub/"
+                "checkpoints, TORCH_HOME defaults to ~/.cache/torch), or set model.backbone.pretrained to a "
+                "local copy of the file, or to null to train from scratch.") from None
+        if _looks_like_torch_file(cached) and ("weights_only" in str(err) or "Unsupported global" in str(err)):
+            raise PretrainedWeightsError(
+                f"model.backbone.pretrained={IMAGENET}: the cached {cached} holds pickled Python objects, which "
+                f"are not loaded because unpickling can run arbitrary code. Delete it and rerun to download "
+                f"{weights.url} again.") from None
+        raise PretrainedWeightsError(
+            f"model.backbone.pretrained={IMAGENET}: the cached {cached} cannot be read as a plain tensor state "
+            f"dict ({detail}). Delete it and rerun to download {weights.url} again (or place a good copy "
+            "there).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"model.backbone.pretrained={IMAGENET}: the cached {cached} is not a dict of "
+                                     f"tensors (a state dict). Delete it and rerun to download {weights.url} again.")
+    return dict(state)
 
 
 def _looks_like_torch_file(path: Path) -> bool:
@@ -176,8 +272,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedWeightsError(
             f"model.backbone.pretrained={path}: file not found. Put torchvision's ShuffleNetV2 ImageNet "
-            "weights there (they are never downloaded) or set model.backbone.pretrained=null to train "
-            "from scratch.")
+            f"weights there, or set model.backbone.pretrained={IMAGENET} to take them from the torch hub cache "
+            "(downloaded when missing), or null to train from scratch.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling/format problem gets the same advice

@@ -28,9 +28,6 @@ from pipeline.train.ema import ModelEMA
 from pipeline.train.optim import build_optimizer
 from pipeline.train.step import TrainForward, TrainStep
 
-# The official implementation trains NanoDet-Plus-m (aux head) at ~3.8 images/s at batch 16, 320 px,
-# float32 on a 2-core AVX512 machine of this kind (the reference of issue 10).
-OFFICIAL_IMAGES_PER_S = 3.8
 PHASES = ("data", "forward", "assign", "loss", "backward", "optimizer")
 
 
@@ -179,11 +176,6 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
         key = f"conv3x3_{out['settings']['amp'].replace('fp32', 'float32')}_tflops"
         for step in out["steps"].values():
             step["fraction_of_conv3x3_peak"] = step["achieved_tflops"] / out["peak"][key]
-    b16 = out["steps"].get("16")
-    if b16 is not None and dev.type == "cpu":
-        out["reference"] = {"official_images_per_s_batch16_fp32": OFFICIAL_IMAGES_PER_S,
-                            "speedup_best": b16["images_per_s_best"] / OFFICIAL_IMAGES_PER_S,
-                            "speedup_median": b16["images_per_s_median"] / OFFICIAL_IMAGES_PER_S}
     out["machine"]["loadavg_1_5_15_end"] = [round(v, 2) for v in os.getloadavg()]
     return out
 

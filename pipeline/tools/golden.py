@@ -44,6 +44,15 @@ from pipeline.model.official import match_state_dict
 
 FWD = (1e-4, 1e-4)  # forward outputs: atol, rtol (README "Tolerances observed")
 GRAD_TOL = {"head": 1e-3, "aux_head": 1e-3, "backbone": 5e-2, "fpn": 5e-2, "aux_fpn": 5e-2}  # norm-relative
+# Per-parameter exceptions to GRAD_TOL, for gradients that float32 rounding alone moves by more than their part's
+# bound. aux_head.cls_convs.0.gn.weight is as poorly conditioned as the backbone/FPN ones: in float64, a 1e-6
+# relative change of the input moves it by 1.5e-2 (1e-7: 3e-4), and the official code itself, run in float32 on
+# one AVX2 machine with different CPU kernels (default, ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=AVX), gave
+# gradients 6.0e-3 / 1.09e-2 / 7.3e-3 apart (w192 / w128 / empty-gt files, norm-relative), while the golden value
+# (AVX512 machine) is 5.4e-3 from a float64 run of the official code on w192. So it gets the backbone/FPN bound
+# (4.6x the largest spread seen). The other aux_head entries keep 1e-3 but are close to it: named gradients spread
+# up to 8.6e-4 (scales.1.scale; most < 3e-5), gradient norms up to 9.4e-4 (cls_convs.0.gn.bias).
+GRAD_TOL_PARAM = {"aux_head.cls_convs.0.gn.weight": 5e-2}
 GRAD_NOISE = 1e-6  # gradient norms below this fraction of the largest are rounding noise
 
 
@@ -199,9 +208,14 @@ def check_train_step(blob: dict, model, cfg: ModelConfig, hw: tuple[int, int], k
     decoded = decode_boxes(aux_reg, priors, R)
     result = criterion.assigner.assign(aux_cls, priors, decoded, *gt)
     assign_rows, input_rows, stored_rows = [], [], []
+    # decoded = prior +- stride * d (d in bins), so the rounding of d is multiplied by the stride: compare in stride
+    # units, with the tolerance of the logits d comes from. Official float32 runs with different CPU kernels (the
+    # golden AVX512 machine, an AVX2 one, the AVX2 one with ATEN_CPU_CAPABILITY=default or ONEDNN_MAX_CPU_ISA=AVX) are
+    # up to 1.4e-3 px = 4.4e-5 bins apart on the three files (in pixels 1.6e-4 at stride 32 already failed 1e-4).
+    stride = priors[:, 2:3]
     for i in range(len(blob["gt_bboxes"])):
         inputs = ref["assign_inputs"][i]
-        input_rows.append(close("decoded_bboxes", decoded[i], inputs["decoded_bboxes"], *FWD))
+        input_rows.append(close("decoded_bboxes", decoded[i] / stride, inputs["decoded_bboxes"] / stride, *FWD))
         assign_rows += _assign_rows(f"img{i}", result, targets, i, ref["assigner_result"][i], ref["assign"][i])
         # the assigner alone, on the official assigner inputs (separates model from assigner differences)
         one = [t[i: i + 1] for t in gt]
@@ -209,7 +223,7 @@ def check_train_step(blob: dict, model, cfg: ModelConfig, hw: tuple[int, int], k
                                          inputs["decoded_bboxes"][None], *one)
         tgt1 = build_targets(res1, inputs["center_priors"], one[0], one[1], C, R)
         stored_rows += _assign_rows(f"img{i}", res1, tgt1, 0, ref["assigner_result"][i], ref["assign"][i])
-    rows += [merge(f"{key} assign_inputs (decoded aux boxes)", input_rows),
+    rows += [merge(f"{key} assign_inputs (decoded aux boxes, stride units)", input_rows),
              merge(f"{key} assigner_result + assign", assign_rows),
              merge(f"{key} assign from stored assign_inputs", stored_rows)]
     rows += [relative(f"{key} {name}", terms[name].item(), float(ref["losses"][name]), 1e-4) for name in LOSS_KEYS]
@@ -231,14 +245,15 @@ def _grad_rows(model, ref: dict, key: str) -> list[Row]:
         part = name.split(".")[0]
         g = params[name].grad if params[name].grad is not None else torch.zeros_like(g_ref)
         err = (g - g_ref).norm().item() / max(g_ref.norm().item(), GRAD_NOISE * largest)
-        groups.setdefault(f"{key} grads {part}", []).append(_scaled(name, err, GRAD_TOL[part], "norm-rel"))
+        tol = GRAD_TOL_PARAM.get(name, GRAD_TOL[part])
+        groups.setdefault(f"{key} grads {part}", []).append(_scaled(name, err, tol, "norm-rel"))
     for name, n_ref in ref["grad_norms"].items():
         part = name.split(".")[0]
         g = params[name].grad
         n = g.norm().item() if g is not None else 0.0
         err = abs(n - n_ref) / max(n_ref, GRAD_NOISE * largest)
         group = f"{key} grad_norms {part} (all params)"
-        groups.setdefault(group, []).append(_scaled(name, err, GRAD_TOL[part], "rel"))
+        groups.setdefault(group, []).append(_scaled(name, err, GRAD_TOL_PARAM.get(name, GRAD_TOL[part]), "rel"))
     without = sorted(n for n, p in params.items() if p.grad is None)
     return [merge(name, rows) for name, rows in groups.items()] + [
         exact(f"{key} params_without_grad", len(set(without) ^ set(ref["params_without_grad"])), 0)]

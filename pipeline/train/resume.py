@@ -82,7 +82,7 @@ def archive_run(out_dir: Path) -> Path:
     """Move a previous run's checkpoints, metrics and plots to <out_dir>/previous/<time>/ (nothing is lost)."""
     dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "config.yaml", "plots"):
+    for name in ("last.pt", "last.pt.prev", "best.pt", "metrics.json", "details.json", "config.yaml", "plots"):
         if (out_dir / name).exists():
             os.replace(out_dir / name, dest / name)
     return dest

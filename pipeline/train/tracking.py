@@ -6,8 +6,10 @@ netrc entry for api.wandb.ai) and offline otherwise. ``wandb.init`` is bounded b
 ``tracking.init_timeout_s``; an online init that fails (no network) falls back to offline with a
 warning, so training never hangs on tracking. Offline runs end with the ``wandb sync`` command.
 
-DVC: ``<out_dir>/metrics.json`` (final and best numbers) and per-epoch plot tables
-``<out_dir>/plots/train_loss.csv`` and ``<out_dir>/plots/val_map.csv``.
+DVC: ``<out_dir>/metrics.json`` (the DVC metric: a dozen flat headline numbers, see
+:func:`train_headline`), ``<out_dir>/details.json`` (the full summary: best / final / last-epoch numbers,
+per-class AP; not a DVC metric) and per-epoch plot tables ``<out_dir>/plots/train_loss.csv`` and
+``<out_dir>/plots/val_map.csv``.
 """
 from __future__ import annotations
 
@@ -283,8 +285,29 @@ def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
+# metrics.json of the train stage: key -> (section of the summary or None for the top level, key there)
+TRAIN_HEADLINE = {
+    "best_map": (None, "best_map"), "best_epoch": (None, "best_epoch"),
+    "best_AP50": ("best", "AP50"), "best_AP75": ("best", "AP75"),
+    "best_APs": ("best", "APs"), "best_APm": ("best", "APm"), "best_APl": ("best", "APl"),
+    "epochs_completed": (None, "epochs_completed"), "steps": (None, "steps"),
+    "nonfinite_skipped": (None, "nonfinite_skipped"),
+    "images_per_s": ("train", "images_per_s"), "loss": ("train", "loss"),
+}
+
+
+def train_headline(summary: dict[str, Any]) -> dict[str, float | int | None]:
+    """The flat headline numbers of a training summary (None where the run has no such value, e.g. no
+    validation yet); the summary itself goes to details.json."""
+    out = {}
+    for key, (section, name) in TRAIN_HEADLINE.items():
+        value = (summary if section is None else summary.get(section) or {}).get(name)
+        out[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return out
+
+
 def write_metrics_json(path: Path, data: dict[str, Any]) -> None:
-    """DVC metrics file (plain numbers and a per-class dict); replaced atomically."""
+    """A metrics or details JSON file (numbers, nested dicts; NaN/inf as null); replaced atomically."""
     path = Path(path)
     atomic_write(path, json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default) + "\n")
 

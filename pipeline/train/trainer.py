@@ -4,15 +4,16 @@ process). It builds data, model and optimiser from the config, runs the epochs (
 validates with THE evaluation (:func:`pipeline.infer.evaluate.evaluate_detector`) and handles checkpoints,
 tracking and plots at the edges. Artefacts in
 ``train.out_dir``: ``last.pt`` (+ ``last.pt.prev``), ``best.pt`` (best val mAP, EMA weights),
-``config.yaml``, ``metrics.json`` and ``plots/*.csv`` for DVC.
+``config.yaml``, ``metrics.json`` (headline numbers) + ``details.json`` (full summary) and ``plots/*.csv``
+for DVC.
 
 Reproducibility: every epoch re-seeds python/numpy/torch, the loader and the augmentation from
 (train.seed, epoch, rank) and the data order comes from (seed, epoch), so a resume - also from a
 mid-epoch step checkpoint, whose finished batches are replayed from the loader and dropped -
 continues exactly as the uninterrupted run would
-(identical weights on CPU with the same world size). With data.num_workers > 0 the loader keeps
-persistent workers whose augmentation streams run on across epochs, so there a resume repeats the
-data order but not the exact augmentation draws.
+(identical weights on CPU with the same world size), also with data.num_workers > 0: the training loader
+starts its workers afresh every epoch, seeded from the epoch's loader generator, so their augmentation draws
+repeat too.
 
 SIGTERM/SIGINT: the current step finishes, ``last.pt`` is saved and :class:`TrainingInterrupted` is raised
 (the entry point turns it into exit code 128 + signal).
@@ -52,7 +53,14 @@ from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.progress import hms
 from pipeline.train.resume import resume_checkpoint
 from pipeline.train.step import TrainForward, TrainStep
-from pipeline.train.tracking import Tracker, append_plot_row, build_panel, build_tracker, write_metrics_json
+from pipeline.train.tracking import (
+    Tracker,
+    append_plot_row,
+    build_panel,
+    build_tracker,
+    train_headline,
+    write_metrics_json,
+)
 
 log = get_logger(__name__)
 
@@ -391,7 +399,9 @@ class _Run:
                    "per_class_AP": dict(self.best["metrics"].get("per_class_AP") or {}),
                    "out_dir": str(self.out_dir)}
         if pdist.is_main():
-            write_metrics_json(self.out_dir / "metrics.json", summary)
+            # details.json: everything; metrics.json (the DVC metric, written last): the headline numbers
+            write_metrics_json(self.out_dir / "details.json", summary)
+            write_metrics_json(self.out_dir / "metrics.json", train_headline(summary))
             best = self.out_dir / "best.pt"
             if best.exists():
                 self.tracker.log_model(best, {"mAP": self.best["mAP"], "epoch": self.best["epoch"]})

@@ -44,7 +44,13 @@ from pipeline.tune.results import (
     write_best_experiment,
     write_results,
 )
-from pipeline.tune.space import SweepError, load_sweep, param_space, sample_overrides, validate_space
+from pipeline.tune.space import (
+    SweepError,
+    format_value,
+    load_sweep,
+    param_space,
+    validate_space,
+)
 from pipeline.tune.trial import INJECT_ENV, TIME_ATTR, run_trial, trial_dirname
 
 log = get_logger(__name__)
@@ -240,8 +246,8 @@ def write_report(sweep: Any, args: Args, grid: Any, user_overrides: list[str], o
         print(f"no trial ran to its end with a {sweep.metric}; see {out / 'results.md'} (errors are listed "
               "there); fix the cause and run the same command again to retry the failed trials", file=sys.stderr)
         return 1
-    sample = {d.key: best.values[d.key] for d in sweep.space}
-    cfg = compose([*user_overrides, *sample_overrides(sweep, sample)])
+    # every key of the row as the best trial trained it (not re-derived from its sampled keys)
+    cfg = compose([*user_overrides, *(f"{key}={format_value(value)}" for key, value in best.values.items())])
     comment = [(f"Best trial {best.trial_id} of sweep {sweep.name} ({sweep.path.name}): "
                 f"{sweep.metric}={best.metrics[sweep.metric]:.4f} at epoch {best.best_epoch}."),
                f"Written by `python -m pipeline.tune`; train it with: python -m pipeline.train experiment={best_file.stem}"]

@@ -1,10 +1,12 @@
 """What a sweep leaves behind: the results table (csv + markdown) and the best trial as a Hydra experiment.
 
-Each row is one trial: its sampled (and tied/derived) values, the best validation metric and the AP50 of
-that same epoch, how it ended (finished, stopped early by ASHA, error), how often it was retried, and
-the model's size and cost (parameters, FLOPs at the trained input size, eager CPU latency at batch 1).
-Size and cost are measured here in the driver, one model at a time, so concurrent trials never skew
-the latency numbers.
+Each row is one trial: its sampled (and tied/derived) values as the trial actually trained them (read
+from the config stored in the trial's own checkpoint, so a value that never reached training is not
+reported as trained; a disagreement with what Tune sampled is named in the error column), the best
+validation metric and the AP50 of that same epoch, how it ended (finished, stopped early by ASHA, error),
+how often it was retried, and the model's size and cost (parameters, FLOPs at the trained input size,
+eager CPU latency at batch 1). Size and cost are measured here in the driver from the trained config,
+one model at a time, so concurrent trials never skew the latency numbers.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import Any
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
-from pipeline.config import CONF_DIR, Config, ConfigError, compose, config_hash, to_dict
+from pipeline.config import CONF_DIR, Config, ConfigError, compose, config_hash, from_dict, to_dict
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 from pipeline.model import build_model
+from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 from pipeline.model.summary import summarize
 from pipeline.perf import time_calls
 from pipeline.tune.space import SweepError, expand_sample, format_value, sample_overrides
@@ -105,17 +109,95 @@ def _status(ray_status: str, error: BaseException | None, last_epoch: int, epoch
         return "finished"
     if summary.exists():  # pipeline.train stopped by itself (train.patience, train.max_steps)
         info = json.loads(summary.read_text())
-        if info.get("stopped") != "completed" and info.get("epochs_completed") == last_epoch:
+        if info.get("stopped") not in ("completed", None) and info.get("epochs_completed") == last_epoch:
             return f"finished ({info['stopped']})"
     return "stopped by ASHA" if last_epoch else "no result"
+
+
+def _summary_file(train_dir: Path) -> Path:
+    """Training's full summary: details.json (metrics.json holds only headline numbers), or the
+    metrics.json of a trial trained before details.json existed."""
+    details = train_dir / "details.json"
+    return details if details.exists() else train_dir / "metrics.json"
 
 
 def _read_json_lines(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+TRAINED_SOURCES = ("best.pt", "last.pt", "config.yaml")  # in <trial>/train/, most authoritative first
+
+
+def trained_config(train_dir: Path) -> tuple[dict | None, Path | None]:
+    """The config the trial's model was trained with and the file it came from: the config stored in its
+    checkpoint (best.pt: the weights the table's metric belongs to, else last.pt), else the config.yaml
+    that training writes when it starts; ``(None, None)`` when the trial never got that far."""
+    for name in TRAINED_SOURCES:
+        path = train_dir / name
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".pt":
+                stored = load_checkpoint(path).get("config")
+            else:
+                stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except (CheckpointError, OSError, yaml.YAMLError, ValueError) as err:
+            log.warning("cannot read the trained config from %s: %s", path, err)
+            continue
+        if isinstance(stored, dict):
+            return stored, path
+    return None, None
+
+
+def _same(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers:
+        return a == b or math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def trained_values(sampled: dict[str, Any], trained: dict | None) -> tuple[dict[str, Any], list[str]]:
+    """The row's values as trained: each sampled/tied/derived key looked up in the trained config (a config
+    group choice such as ``model`` is not stored there and keeps its sampled name), and the keys whose
+    trained value differs from the sampled one, as ``key=trained (sampled x)``."""
+    if trained is None:
+        return dict(sampled), []
+    tree = OmegaConf.create(trained)
+    values, differ = {}, []
+    absent = object()
+    for key, value in sampled.items():
+        found = OmegaConf.select(tree, key, default=absent)
+        if found is absent or OmegaConf.is_dict(found):
+            values[key] = value
+            continue
+        found = OmegaConf.to_container(found) if OmegaConf.is_list(found) else found
+        values[key] = found
+        if not _same(found, value):
+            differ.append(f"{key}={format_value(found)} (sampled {format_value(value)})")
+    return values, differ
+
+
+def _row_config(sweep: Any, sample: dict, trained: dict | None, overrides: list[str],
+                trial_id: str) -> Config | None:
+    """The config whose model the row measures: the trained one; else (never trained, or stored by an
+    older schema) the one the sample composes to; None when neither validates."""
+    if trained is not None:
+        try:
+            return from_dict(trained)
+        except (ConfigError, ValueError) as err:
+            log.warning("trial %s: its trained config does not validate (%s); measuring the sampled one",
+                        trial_id, err)
+    try:
+        return compose([*overrides, *sample_overrides(sweep, sample)])
+    except (ConfigError, SweepError):
+        return None  # the row stays without size and cost
+
+
 def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> tuple[list[TrialRow], dict]:
-    """One row per trial from Ray's ResultGrid and state, and the trial's folder (result.json, trial.json)."""
+    """One row per trial from Ray's ResultGrid and state, and the trial's folder (result.json, trial.json,
+    and the config stored in its checkpoint: the values reported are the ones the trial trained)."""
     from ray.tune import ExperimentAnalysis  # ray is optional and heavy: imported only when a sweep runs
 
     state = {t.trial_id: t for t in ExperimentAnalysis(str(exp_dir)).trials}
@@ -127,21 +209,24 @@ def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> 
         record = trial_dir / "trial.json"
         attempts = json.loads(record.read_text()).get("attempts", 1) if record.exists() else 0
         trial = state.get(trial_id)
-        row = TrialRow(trial_id=trial_id, status="", values=expand_sample(sweep, result.config),
+        trained, source = trained_config(trial_dir / "train")
+        values, differ = trained_values(expand_sample(sweep, result.config), trained)
+        error = _error_line(result.error)
+        if differ:
+            log.warning("trial %s trained other values than Tune sampled (%s): %s", trial_id, source,
+                        "; ".join(differ))
+            error = "; ".join([*([error] if error else []), f"trained {', '.join(differ)} ({source.name})"])
+        row = TrialRow(trial_id=trial_id, status="", values=values,
                        epochs=len({r.get(TIME_ATTR) for r in scored}), restarts=max(attempts - 1, 0),
-                       failures=trial.num_failures if trial else 0, error=_error_line(result.error),
-                       trial_dir=str(trial_dir))
+                       failures=trial.num_failures if trial else 0, error=error, trial_dir=str(trial_dir))
         if scored:
             best = (max if sweep.mode == "max" else min)(scored, key=lambda r: r[sweep.metric])
             row.metrics = {k: best[k] for k in (sweep.metric, "mAP", "AP50") if k in best}
             row.best_epoch = int(best["epoch"])
-        try:
-            cfg = configs[trial_id] = compose([*overrides, *sample_overrides(sweep, result.config)])
-        except (ConfigError, SweepError):
-            cfg = None  # the row stays without size and cost
+        cfg = configs[trial_id] = _row_config(sweep, result.config, trained, overrides, trial_id)
         row.status = _status(trial.status if trial else "ERROR", result.error,
                              max((int(r.get(TIME_ATTR, 0)) for r in scored), default=0),
-                             cfg.train.epochs if cfg is not None else 0, trial_dir / "train" / "metrics.json")
+                             cfg.train.epochs if cfg is not None else 0, _summary_file(trial_dir / "train"))
         rows.append(row)
     return rows, configs
 

@@ -160,5 +160,8 @@ def test_voc_broken_files(voc_root, write_image):
 
 def test_voc_missing_folders(tmp_path):
     (tmp_path / "v" / "Annotations").mkdir(parents=True)
-    with pytest.raises(DataError, match="no 'JPEGImages/' folder"):
+    with pytest.raises(DataError, match=r"no VOC annotation .xml files \(Annotations/\).*0 .xml.*folders: "
+                                        r"Annotations/.*Set data.ann_dir"):
         read_voc(str(tmp_path / "v"), ["a"], Issues())
+    with pytest.raises(DataError, match=r"data.img_dir='pics' is not a folder .*relative to data.root"):
+        read_voc(str(tmp_path / "v"), ["a"], Issues(), img_dir="pics")

@@ -160,6 +160,9 @@ def test_small_split_keeps_a_partial_batch(tiny_prepared, make_cfg):
 
 
 def test_bench_data(tiny_prepared, make_cfg, capsys):
-    out = bench_data(make_cfg(tiny_prepared), num_batches=3)
-    assert out["images_per_s"] > 0 and out["num_images"] == 12 and out["augment_ms"] > 0
+    out = bench_data(make_cfg(tiny_prepared, "data.num_workers=2"), num_batches=3)
+    assert out["num_images"] == 12 and out["augment_ms"] > 0 and out["read_ms"] > 0
+    # the rates are the same report's images over its seconds
+    assert out["images_per_s"] == pytest.approx(out["num_images"] / out["seconds"], rel=1e-9)
+    assert out["images_per_s_per_worker"] == pytest.approx(out["images_per_s"] / max(1, out["num_workers"]), rel=1e-9)
     assert "images/s" in capsys.readouterr().out

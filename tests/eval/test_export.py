@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +14,7 @@ import torch
 from evalkit import CLASSES, INPUT_SIZE, perturbed_model, tiny_cfg
 
 from pipeline.infer.export import (
+    HEADLINE,
     ExportError,
     ExportModule,
     build_metadata,
@@ -137,10 +142,18 @@ def test_export_stage_end_to_end_with_int8(tiny, tmp_path, monkeypatch):
     _ground_truth_from_model(tiny)
     monkeypatch.setattr("pipeline.infer.evaluate.split_json",
                         lambda c, split="val": prepared / ("val_model.json" if split == "val" else f"{split}.json"))
-    cfg = tiny_cfg(prepared, tmp_path, [f"export.checkpoint={ckpt}", "export.int8=true", "export.calib_images=4"])
+    # a bound of 1.0 accepts any INT8 model: this test is about the files; the bound has its own test below
+    cfg = tiny_cfg(prepared, tmp_path, [f"export.checkpoint={ckpt}", "export.int8=true", "export.calib_images=4",
+                                        "export.int8_max_map_drop=1.0"])
     report = export_model(cfg)
     saved = json.loads((tmp_path / "export" / "export.json").read_text())
     assert saved == json.loads(json.dumps(report))
+    assert report["int8"]["rejected"] is False and report["int8"]["max_map_drop"] == 1.0
+    # metrics.json (the DVC metric): a few flat headline numbers, equal to the report's
+    headline = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert list(headline) == list(HEADLINE) and all(type(v) is float for v in headline.values())
+    assert headline["map_onnx"] == report["map_onnx"] and headline["int8_map_drop"] == report["int8"]["map_drop"]
+    assert headline["onnxruntime_p50_ms"] == report["latency_ms"]["onnxruntime"]["p50_ms"]
     assert report["max_abs_diff"] <= 1e-3 and report["verify_images"] == 4
     assert report["map_torch"] > 0.5  # the ground truth is the model's own output
     assert abs(report["map_torch"] - report["map_onnx"]) <= cfg.export.map_tolerance
@@ -157,3 +170,78 @@ def test_export_stage_end_to_end_with_int8(tiny, tmp_path, monkeypatch):
     cfg = tiny_cfg(prepared, tmp_path / "again", [f"export.checkpoint={ckpt}"])
     with pytest.raises(ExportError, match=r"ONNX mAP 0.4000 differs from PyTorch mAP 0.5000"):
         export_model(cfg)
+
+
+def _int8_scores(map_int8: float):
+    """evaluate_detector stand-in: PyTorch and fp32 ONNX score 0.5, the INT8 model ``map_int8``."""
+    def fake(detector, cfg, out_dir=None, **_):
+        return {"mAP": map_int8 if "int8" in Path(str(detector.path)).name else 0.5}
+    return fake
+
+
+def test_int8_map_drop_bound_both_sides(tiny, tmp_path, monkeypatch):
+    """The real export stage (real quantization) with the mAPs fixed: INT8 is 0.05 below fp32."""
+    _, ckpt, prepared, _ = tiny
+    monkeypatch.setattr("pipeline.infer.evaluate.evaluate_detector", _int8_scores(0.45))
+    base = [f"export.checkpoint={ckpt}", "export.int8=true", "export.calib_images=2"]
+    out = tmp_path / "export"
+
+    # within the bound (a drop equal to it passes): the INT8 model and the headline metrics are written
+    report = export_model(tiny_cfg(prepared, tmp_path, [*base, "export.int8_max_map_drop=0.05"]))
+    assert report["int8"]["map_drop"] == pytest.approx(0.05) and report["int8"]["rejected"] is False
+    assert (out / "model.int8.onnx").is_file()
+    assert json.loads((out / "metrics.json").read_text())["int8_map"] == 0.45
+
+    # beyond it: the stage fails naming both mAPs, the drop and the key; the INT8 file is deleted, the fp32
+    # model stays usable, export.json says why, and no metrics.json claims a finished export
+    with pytest.raises(ExportError) as err:
+        export_model(tiny_cfg(prepared, tmp_path, [*base, "export.int8_max_map_drop=0.04"]))
+    msg = str(err.value)
+    for part in ("INT8 mAP 0.4500", "0.0500 below the fp32 ONNX mAP 0.5000", "export.int8_max_map_drop=0.04",
+                 "export.int8=false", "model.int8.onnx"):
+        assert part in msg, msg
+    assert not (out / "model.int8.onnx").exists() and not (out / "metrics.json").exists()
+    saved = json.loads((out / "export.json").read_text())
+    assert saved["int8"]["rejected"] is True and saved["int8"]["path"] is None and saved["int8"]["map"] == 0.45
+    fp32 = OnnxDetector(out / "model.onnx")
+    assert fp32.class_names == CLASSES and fp32.forward(np.zeros((1, 3, H, W), np.float32)).shape[0] == 1
+
+
+def test_int8_bound_is_validated():
+    from pipeline.config import ConfigError, compose
+
+    assert compose([]).export.int8_max_map_drop == 0.01
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(ConfigError, match=rf"export.int8_max_map_drop: must be in \[0, 1\].*got {bad}"):
+            compose([f"export.int8_max_map_drop={bad}"])
+
+
+INJECT = """
+from pathlib import Path
+import pipeline.infer.evaluate as ev
+real = ev.evaluate_detector
+def lowered(detector, cfg, out_dir=None, **kw):  # the real evaluation; the INT8 model's mAP made 0.3 lower
+    out = real(detector, cfg, out_dir, **kw)
+    return {**out, "mAP": out["mAP"] - 0.3} if "int8" in Path(str(detector.path)).name else out
+ev.evaluate_detector = lowered
+from pipeline.export import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_int8_drop_fails_the_entry_point_with_exit_2(tiny, tmp_path):
+    _, ckpt, prepared, _ = tiny
+    args = [sys.executable, "-c", INJECT, "model=nanodet_plus_m_0.5x", f"model.num_classes={len(CLASSES)}",
+            f"data.prepared_dir={prepared}", f"data.input_size=[{W},{H}]", "data.num_workers=0",
+            "data.eval_batch_size=3", f"export.checkpoint={ckpt}", f"export.out_dir={tmp_path / 'export'}",
+            "export.verify_images=4", "export.int8=true", "export.calib_images=2", "export.int8_max_map_drop=0.2",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "below the fp32 ONNX mAP" in errors[0] and "export.int8_max_map_drop=0.2" in errors[0], errors[0]
+    assert (tmp_path / "export" / "model.onnx").is_file()
+    assert not (tmp_path / "export" / "model.int8.onnx").exists()

@@ -182,3 +182,6 @@ def test_no_gt_axis_and_targets_shapes():
 def test_bench_assign_runs_and_agrees():
     out = bench_assign(batch=2, num_gt=5, input_hw=(64, 64), num_classes=4, repeats=1)
     assert out["same_assignment"] and out["batched_ms"] > 0 and out["loop_ms"] > 0
+    assert (out["batch"], out["num_gt"], out["num_classes"]) == (2, 5, 4)
+    assert out["num_priors"] == make_priors((64, 64), [8, 16, 32, 64]).shape[0] == 64 + 16 + 4 + 1
+    assert out["speedup"] == pytest.approx(out["loop_ms"] / out["batched_ms"], rel=1e-9)

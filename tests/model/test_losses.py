@@ -74,7 +74,7 @@ def test_zero_weight_giou_is_graph_connected_zero(unit):
     assert giou_loss_masked(g["pred"], g["target"], torch.zeros(10), avg_factor=1.0).item() == 0.0
 
 
-def test_bbox_overlaps_batched_matches_single(unit):
+def test_bbox_overlaps_batched_matches_single():
     gen = torch.Generator().manual_seed(3)
     xy = torch.rand(3, 6, 2, generator=gen) * 20
     boxes1 = torch.cat([xy, xy + torch.rand(3, 6, 2, generator=gen) * 10], dim=-1)

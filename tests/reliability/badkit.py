@@ -28,7 +28,7 @@ INFO_CODES = {"image_converted", "size_filled", "images_without_boxes", "crowd_b
 class Case:
     name: str
     what: str  # the input, for the README table
-    fmt: str  # coco | yolo | voc
+    fmt: str  # coco | yolo | voc | auto (data.source=auto)
     build: Callable[[Path], list[str]]  # breaks the base dataset under root; returns extra overrides
     expect: str  # error | fixed | ok
     detail: object = None  # error: regex; fixed: {code: count}
@@ -332,6 +332,9 @@ CASES: list[Case] = [
     Case("class_name_mismatch", "data.class_names [cat, bird], data has cat and dog", "coco",
          coco(lambda r, t, v: ["data.class_names=[cat,bird]"]),
          "fixed", {"class_not_in_config": 3, "class_without_boxes": 2}, ("dog",)),
+    Case("empty_categories", "train.json with \"categories\": []", "coco",
+         coco(lambda r, t, v: t.update(categories=[])),
+         "error", r"train\.json' has an empty or invalid 'categories' list"),
     Case("duplicate_image_ids", "two images with id 1", "coco",
          coco(lambda r, t, v: t["images"].append({**t["images"][1], "id": 1})),
          "error", r"duplicate image id 1: 'a.jpg' and 'b.jpg'"),
@@ -386,6 +389,10 @@ CASES: list[Case] = [
     Case("yolo_non_utf8_file_name", "image and label named b'caf\\xe9' (not UTF-8)", "yolo",
          yolo(_non_utf8_pair),
          "ok"),
+    Case("yolo_yaml_split_missing", "data.yaml with val: images/nope (no such folder)", "yolo",
+         yolo(lambda r: (r / "data.yaml").write_text("train: images/train\nval: images/nope\nnames: [cat, dog]\n")
+              and None),
+         "error", r"data\.yaml' val: 'images/nope' not found \(looked at"),
     Case("yolo_without_class_names", "no classes.txt, data.yaml or data.class_names", "yolo",
          yolo(lambda r: None, classes_txt=None, class_names=""), "error", r"has no class names: set data\.class_names"),
     # ------------------------------------------------------------------ Pascal VOC
@@ -403,4 +410,12 @@ CASES: list[Case] = [
     Case("voc_imageset_lists_missing_xml", "ImageSets/Main/train.txt names an absent annotation", "voc",
          voc(lambda r: append(r / "ImageSets" / "Main" / "train.txt", "ghost\n")),
          "fixed", {"voc_imageset_missing": 1}, ("ghost",)),
+    Case("voc_images_elsewhere", "VOC xml with images in a folder nothing guesses (pics/), data.img_dir unset",
+         "voc", voc(lambda r: (r / "JPEGImages").rename(r / "pics") and None),
+         "error", r"train: none of the 3 images could be opened \(first: 'a\.jpg', looked for .*Annotations/a\.jpg.*; set data\.img_dir"),
+    # ------------------------------------------------------------------ data.source=auto
+    Case("auto_nothing_found", "data.source=auto on a folder of photos only", "auto",
+         coco(lambda r, t, v: image(r / "photos" / "p.jpg") and ["data.source=auto", f"data.root={r / 'photos'}"]),
+         "error", r"data\.source=auto found no COCO, YOLO or VOC dataset in data\.root='.*photos': 0 \.xml, 0 \.json, "
+                  r"0 \.txt, 0 \.yaml, 1 images .*set data\.source=coco"),
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE.parents[1] / "README.md"
 HEADING = "## What is guaranteed"
-sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]  # tests/: testkit
 
 from badkit import CASES
 from test_config_cli import CLI_CASES

@@ -49,6 +49,10 @@ CLI_CASES = [
 # costs (~3 s each) down.
 OWN_PROCESS = {"misspelled key", "text for an integer", "unknown config-group option", "override syntax error",
                "strides not matching the neck levels", "CUDA asked on a machine without it"}
+# extra environment of an own-process case: on a GPU host the CUDA case hides the GPUs, so that it asks for
+# CUDA on a machine without it there too (torch.cuda.is_available() is then False) instead of training
+CASE_ENV = {"CUDA asked on a machine without it": {"CUDA_VISIBLE_DEVICES": ""}}
+assert set(CASE_ENV) <= OWN_PROCESS, "a case with its own environment needs its own process"
 
 DRIVER = """
 import contextlib, io, json, sys
@@ -76,9 +80,9 @@ def _common(cwd: Path) -> list[str]:
     return [f"hydra.run.dir={cwd / 'hydra'}", f"train.out_dir={cwd / 'run'}", f"data.prepared_dir={cwd / 'none'}"]
 
 
-def _own_process(overrides: list[str], cwd: Path) -> tuple[int, str, str]:
+def _own_process(overrides: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
     res = subprocess.run([PYTHON, "-m", "pipeline.train", *overrides, *_common(cwd)], check=False, cwd=cwd,
-                         env=subprocess_env(),
+                         env=subprocess_env(**env),
                          capture_output=True, text=True, timeout=180)
     return res.returncode, res.stderr, res.stdout
 
@@ -100,7 +104,7 @@ def cli_results(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     shared = {name: overrides for name, overrides, _ in CLI_CASES if name not in OWN_PROCESS}
     with ThreadPoolExecutor(max_workers=2) as pool:
         together = pool.submit(_shared_process, shared, root)
-        alone = {name: pool.submit(_own_process, overrides, root)
+        alone = {name: pool.submit(_own_process, overrides, root, CASE_ENV.get(name, {}))
                  for name, overrides, _ in CLI_CASES if name in OWN_PROCESS}
         results = together.result()
         results.update({name: f.result() for name, f in alone.items()})

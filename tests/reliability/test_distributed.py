@@ -63,13 +63,13 @@ def test_dead_rank_is_reported_and_the_elastic_restart_resumes_exactly(ddp_dir):
 def test_stuck_rank_makes_the_others_give_up_after_dist_timeout(ddp_dir):
     env = subprocess_env(**{KILL_STEP_ENV: str(KILL_STEP), KILL_RANK_ENV: "1", HANG_ENV: "1"})
     timeout_s = 8
-    code, output, seconds = _torchrun(ddp_dir, "stuck", [], env, timeout_s=timeout_s)
+    code, output, _ = _torchrun(ddp_dir, "stuck", [], env, timeout_s=timeout_s)
     assert code != 0, output[-3000:]
     assert "Timed out" in output and "rank 0: a collective operation with the other ranks failed" in output
     assert "pipeline.train FAILED" in output  # torchrun's failure report
-    # bounded: start-up + 3 steps + dist_timeout_s + margin, never the 30 min default (a stuck rank that
-    # ignores SIGTERM adds torchrun's fixed 30 s grace before its SIGKILL)
-    assert seconds < 45 + timeout_s, seconds
+    # bounded by train.dist_timeout_s, never the 30 min default: gloo names the timeout it waited (a
+    # wall-clock bound on the whole run would flake on a loaded machine; run_cli's own limit stops a hang)
+    assert f"Timed out waiting {timeout_s * 1000}ms" in output, output[-3000:]
     last = load_checkpoint(ddp_dir / "stuck" / "last.pt")  # the last completed step's checkpoint is intact
     assert last["step"] == KILL_STEP - 1
 

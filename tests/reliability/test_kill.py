@@ -6,7 +6,6 @@ every phase of a checkpoint write via ``pipeline.faults`` and to bit rot in a fi
 """
 from __future__ import annotations
 
-import random
 import signal
 import struct
 import zipfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from relkit import STEPS_PER_EPOCH, TOTAL_STEPS, assert_same_final_state, tiny_overrides
-from testkit import subprocess_env, train_cli
+from testkit import kill_rng, kill_seeds, subprocess_env, train_cli
 
 from pipeline.config import compose
 from pipeline.faults import CKPT_ENV, CKPT_PHASES
@@ -23,8 +22,22 @@ from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 from pipeline.train import train
 from pipeline.train.resume import find_resume_checkpoint
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2)  # the default; NANODET_KILL_SEED=5 (or 5,9) replays other seeds
 KILLS_PER_SEED = 2  # one from outside at a random time, one inside a random phase of a random save
+
+
+def test_kill_seeds_are_printed_and_replayable(monkeypatch, capsys):
+    """The random kill moments come from a seed that is printed and can be set again (NANODET_KILL_SEED)."""
+    monkeypatch.delenv("NANODET_KILL_SEED", raising=False)
+    assert kill_seeds(SEEDS) == SEEDS
+    monkeypatch.setenv("NANODET_KILL_SEED", "5, 9")
+    assert kill_seeds(SEEDS) == (5, 9)
+    monkeypatch.setenv("NANODET_KILL_SEED", "five")
+    with pytest.raises(ValueError, match="NANODET_KILL_SEED='five'"):
+        kill_seeds(SEEDS)
+    draws = [kill_rng(9).randint(1, 1000) for _ in range(2)]
+    assert draws[0] == draws[1]  # the same seed gives the same kill moment
+    assert capsys.readouterr().out.count("random kill seed 9 (replay: NANODET_KILL_SEED=9)") == 2
 
 
 def _temps(out: Path) -> list[Path]:
@@ -40,9 +53,9 @@ def assert_consistent_after_kill(out: Path, cfg) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", kill_seeds(SEEDS))
 def test_kill9_at_random_moments_then_resume_gives_identical_weights(seed, tiny_data, reference_run, tmp_path):
-    rng = random.Random(seed)
+    rng = kill_rng(seed)
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_data, out)
     cfg = compose(overrides)
@@ -50,19 +63,21 @@ def test_kill9_at_random_moments_then_resume_gives_identical_weights(seed, tiny_
     # kill 1, from outside: a random time after a random step's log line, so it lands anywhere (forward,
     # backward, the step checkpoint, validation, best.pt)
     step, delay = rng.randint(1, TOTAL_STEPS - 4), rng.uniform(0.0, 0.3)
+    print(f"kill 1: {delay:.3f} s after step {step}")
     code, output, seen = train_cli(overrides, tmp_path, stop_at_step=step, delay_s=delay)
-    assert code == -signal.SIGKILL, f"not killed (exit {code}, step {seen}):\n{output[-3000:]}"
+    assert code == -signal.SIGKILL, f"seed {seed}: not killed (exit {code}, step {seen}):\n{output[-3000:]}"
     first = assert_consistent_after_kill(out, cfg)
-    assert first is None or first <= seen + 1, (first, seen)
+    assert first is None or first <= seen + 1, (seed, first, seen)
 
     # kill 2, from inside: a random phase of a random checkpoint write of the resumed run
     phase, index = rng.choice(CKPT_PHASES), rng.randint(1, 4)
+    print(f"kill 2: phase {phase} of save {index}")
     code, output, _ = train_cli(overrides, tmp_path, env=subprocess_env(**{CKPT_ENV: f"{phase}:{index}"}))
-    assert code == -signal.SIGKILL, f"fault {phase}:{index} did not fire (exit {code}):\n{output[-3000:]}"
+    assert code == -signal.SIGKILL, f"seed {seed}: fault {phase}:{index} did not fire (exit {code}):\n{output[-3000:]}"
     if first is not None:
         assert f"resumed from {out}" in output
     second = assert_consistent_after_kill(out, cfg)
-    assert second is not None and second >= (first or 0), (first, second)
+    assert second is not None and second >= (first or 0), (seed, first, second)
 
     summary = train(cfg)
     assert summary["steps"] == TOTAL_STEPS and summary["stopped"] == "completed"

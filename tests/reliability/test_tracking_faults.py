@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -59,15 +58,24 @@ def test_online_wandb_with_a_silent_server_falls_back_within_the_timeout(tiny_da
                                                                        monkeypatch, pipeline_log):
     monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)  # well-formed, only ever sent to the silent server
     monkeypatch.setenv("WANDB_BASE_URL", silent_server)
-    t0 = time.monotonic()
+    import wandb
+
+    real_init, inits = wandb.init, []
+
+    def recording_init(*args, **kwargs):
+        inits.append(kwargs.get("settings"))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", recording_init)
     summary = train(compose(tiny_overrides(tiny_data, wandb_env / "run", "train.epochs=1", "tracking.mode=online",
                                            f"tracking.dir={wandb_env / 'wb'}", f"tracking.init_timeout_s={INIT_TIMEOUT_S}",
                                            "tracking.num_images=2")))
-    seconds = time.monotonic() - t0
     assert summary["stopped"] == "completed" and summary["steps"] == 4
     assert any("falling back to offline" in r.getMessage() for r in pipeline_log.records)
     assert list((wandb_env / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert seconds < 60, seconds  # a 4-step run plus one bounded init, not a hang
+    # bounded, not a hang: the online init that met the silent server waited tracking.init_timeout_s, not
+    # W&B's default (no wall-clock assertion: the run's duration depends on the machine's load)
+    assert inits and inits[0] is not None and inits[0].init_timeout == INIT_TIMEOUT_S, inits
 
 
 def _wandb_service_pids() -> list[int]:

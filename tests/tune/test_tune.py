@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,15 +15,26 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import CONF_DIR, compose, to_dict
 from pipeline.tune import driver as tune_cli
-from pipeline.tune.results import TrialRow, leaf_diff, write_best_experiment, write_results
+from pipeline.tune.results import (
+    TrialRow,
+    _status,
+    _summary_file,
+    leaf_diff,
+    trained_config,
+    trained_values,
+    write_best_experiment,
+    write_results,
+)
 from pipeline.tune.space import (
     SWEEPS_DIR,
     SweepError,
     expand_sample,
+    format_value,
     load_sweep,
     sample_overrides,
     validate_space,
@@ -216,6 +228,47 @@ def test_results_are_sorted_best_first(tmp_path):
     assert [r.trial_id for r in write_results(tmp_path, rows, "mAP", "min", [])] == ["a", "c", "b"]
 
 
+def test_rows_report_what_the_trial_checkpoint_trained(tmp_path):
+    """A row's values come from the config in the trial's own checkpoint (best.pt, else last.pt, else the
+    config.yaml training wrote), and a value that differs from Tune's sample is named."""
+    sweep = load_sweep("demo_cpu")  # samples model.head.reg_max and train.lr
+    sampled = expand_sample(sweep, {"model.head.reg_max": 5, "train.lr": 0.01})
+    train = tmp_path / "train"
+    assert trained_config(train) == (None, None)  # never started: the row keeps the sample
+    assert trained_values(sampled, None) == (sampled, [])
+
+    def trained(reg_max: int) -> dict:
+        return to_dict(compose(["experiment=demo", f"model.head.reg_max={reg_max}", "train.lr=0.01"]))
+
+    train.mkdir()
+    (train / "config.yaml").write_text(yaml.safe_dump(trained(5)))
+    assert trained_config(train) == (trained(5), train / "config.yaml")
+    torch.save({"config": trained(7), "model": {}}, train / "last.pt")
+    assert trained_config(train) == (trained(7), train / "last.pt")
+    torch.save({"config": trained(10), "model": {}}, train / "best.pt")
+    config, source = trained_config(train)
+    assert source == train / "best.pt" and config["model"]["head"]["reg_max"] == 10
+    values, differ = trained_values(sampled, config)
+    assert values == {"model.head.reg_max": 10, "train.lr": 0.01}
+    assert differ == ["model.head.reg_max=10 (sampled 5)"]
+    assert trained_values(sampled, trained(5)) == (sampled, [])
+
+
+def test_status_reads_trainings_own_stop_from_details_json(tmp_path):
+    """metrics.json holds only headline numbers; why training stopped is in details.json beside it (a
+    trial folder from before details.json has it in metrics.json)."""
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "metrics.json").write_text(json.dumps({"epochs_completed": 2, "best_map": 0.1}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "stopped by ASHA"
+    (train / "details.json").write_text(json.dumps({"stopped": "early_stop", "epochs_completed": 2}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "finished (early_stop)"
+    (train / "details.json").unlink()
+    (train / "metrics.json").write_text(json.dumps({"stopped": "max_steps", "epochs_completed": 2}))
+    assert _status("TERMINATED", None, 2, 5, _summary_file(train)) == "finished (max_steps)"
+    assert _status("TERMINATED", None, 5, 5, _summary_file(train)) == "finished"
+
+
 # ------------------------------------------------------------------------------------ slow tests
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -245,8 +298,52 @@ def check_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def read_md_table(out: Path) -> dict[str, dict]:
+    """results.md's table as {trial_id: {column: cell}} (cells as printed, '\\|' unescaped)."""
+    lines = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")]
+    split = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln.strip()[1:-1])] for ln in lines]
+    header, body = split[0], split[1:]
+    return {cells[header.index("trial_id")]: dict(zip(header, cells)) for cells in body}
+
+
+def structure_of(state: dict) -> dict:
+    """What a NanoDet-Plus training state dict says about the model, from tensor shapes alone."""
+    levels = sorted(int(k.split(".")[2]) for k in state
+                    if k.startswith("head.gfl_cls.") and k.endswith(".weight"))
+    assert levels == list(range(len(levels))), levels
+    outs = [state[f"head.gfl_cls.{i}.weight"] for i in levels]  # 1x1 output conv per level: [C + 4(R+1), feat]
+    num_classes = state["aux_head.gfl_cls.weight"].shape[0]
+    assert len({tuple(w.shape) for w in outs}) == 1, [tuple(w.shape) for w in outs]
+    bins, rest = divmod(outs[0].shape[0] - num_classes, 4)
+    assert rest == 0, f"head output channels {outs[0].shape[0]} != {num_classes} + 4 * (reg_max + 1)"
+    extra = {int(k.split(".")[2]) for k in state if k.startswith("fpn.extra_lvl_out_conv.")}
+    neck = state["fpn.reduce_layers.0.conv.weight"].shape[0]
+    return {
+        "num_classes": num_classes, "out_channels": outs[0].shape[0], "reg_max": bins - 1,
+        "reg_max_aux": state["aux_head.gfl_reg.weight"].shape[0] // 4 - 1,
+        "reg_max_integral": state["head.distribution_project.project"].numel() - 1,
+        "levels": len(levels), "neck_levels": 3 + len(extra),
+        "aux_levels": len({k for k in state if k.startswith("aux_head.scales.")}),
+        "neck_width": neck, "head_in": state["head.cls_convs.0.0.depthwise.weight"].shape[0],
+        "head_width": outs[0].shape[1],
+        "head_tower_width": state["head.cls_convs.0.0.pointwise.weight"].shape[0],
+        "aux_width": state["aux_head.gfl_cls.weight"].shape[1],
+        "aux_in": state["aux_head.cls_convs.0.conv.weight"].shape[1],
+    }
+
+
+def inference_params(state: dict) -> int:
+    """Parameters of backbone, neck and head (the table's 'params': the inference graph, buffers excluded)."""
+    buffers = (".running_mean", ".running_var", ".num_batches_tracked", "distribution_project.project")
+    return sum(v.numel() for k, v in state.items()
+               if k.startswith(("backbone.", "fpn.", "head.")) and not k.endswith(buffers))
+
+
 @pytest.mark.slow
-def test_two_trial_sweep_writes_results_and_best_experiment(tmp_path, data_dir):
+def test_grid_sweep_trains_the_sampled_models_and_the_table_reports_them(tmp_path, data_dir):
+    """2 x 2 grid over reg_max and strides (a list value cannot be tied or derived, so two trials cannot vary
+    both), with neck/head/aux widths derived from reg_max: each trial's own checkpoint must hold the sampled
+    model, and results.csv/.md must report, for that trial, what its checkpoint shows."""
     conf = conf_copy(tmp_path)
     sweep = write_sweep(tmp_path, """
         name: tiny
@@ -255,32 +352,77 @@ def test_two_trial_sweep_writes_results_and_best_experiment(tmp_path, data_dir):
         scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
         base_overrides: [experiment=demo, train.epochs=1]
         space:
-          model.head.reg_max: {grid: [5, 7]}
+          model.head.reg_max: {grid: [4, 8]}
+          model.head.strides: {grid: [[8, 16, 32], [8, 16, 32, 64]]}
           train.lr: {loguniform: [1.0e-3, 3.0e-3]}
+        derived:
+          model.neck.out_channels: "8 * model.head.reg_max"
+          model.head.feat_channels: "6 * model.head.reg_max"
+          model.aux_head.feat_channels: "16 * model.head.reg_max"
     """)
+    tiny = [o for o in TINY if not o.startswith("model.head.strides=")]  # the sweep samples the strides
     out = tmp_path / "out"
     proc = run_cli([f"sweep={sweep}", f"out={out}", f"experiment_dir={conf / 'experiment'}",
-                    f"data.prepared_dir={data_dir}", *TINY])
+                    f"data.prepared_dir={data_dir}", *tiny])
     check_ok(proc)
-    table = read_table(out)
-    assert len(table) == 2 and {r["model.head.reg_max"] for r in table.values()} == {"5", "7"}
-    for row in table.values():
-        assert row["status"] == "finished" and row["epochs"] == "1" and row["failures"] == "0"
-        assert float(row["mAP"]) >= 0 and int(row["params"]) > 100_000 and float(row["gflops"]) > 0
-        assert float(row["cpu_latency_ms"]) > 0
-        trial = Path(row["trial_dir"])
-        assert (trial / "train" / "last.pt").is_file() and list(trial.glob("checkpoint_*/last.pt"))
-        trained = yaml.safe_load((trial / "train" / "config.yaml").read_text())
-        assert trained["tracking"]["group"] == "tiny" and trained["tracking"]["name"] == row["trial_id"]
-        assert trained["train"]["val_interval"] == 1 and trained["train"]["out_dir"] == str(trial / "train")
+    table, md = read_table(out), read_md_table(out)
+    trial_dirs = sorted((out / "ray").glob("trial_*"))
+    assert len(table) == 4 and set(md) == set(table) == {d.name.removeprefix("trial_") for d in trial_dirs}
+    trained = set()
+    for trial in trial_dirs:  # found on disk, not through the table
+        trial_id = trial.name.removeprefix("trial_")
+        row, md_row = table[trial_id], md[trial_id]
+        best = torch.load(trial / "train" / "best.pt", map_location="cpu", weights_only=True)
+        last = torch.load(trial / "train" / "last.pt", map_location="cpu", weights_only=True)
+        got = structure_of(best["model"])
+        assert structure_of(best["ema"]) == got == structure_of(last["model"]), trial_id
+        assert got["out_channels"] == 5 + 4 * (got["reg_max"] + 1) and got["num_classes"] == 5
+        assert got["reg_max"] == got["reg_max_aux"] == got["reg_max_integral"], got
+        assert got["levels"] == got["neck_levels"] == got["aux_levels"], got
+        assert got["head_in"] == got["neck_width"] and got["aux_in"] == 2 * got["neck_width"], got
+        assert got["head_tower_width"] == got["head_width"], got
+        strides = [8 * 2**i for i in range(got["levels"])]  # the only strides a model with these levels can have
+        shown = {"model.head.reg_max": str(got["reg_max"]), "model.head.strides": format_value(strides),
+                 "model.neck.out_channels": str(got["neck_width"]),
+                 "model.head.feat_channels": str(got["head_width"]),
+                 "model.aux_head.feat_channels": str(got["aux_width"])}
+        # 1. the table reports, for this trial, the model its checkpoint holds, and this trial's own metric
+        assert {k: row[k] for k in shown} == shown, f"results.csv row {trial_id} vs its checkpoint"
+        assert {k: md_row[k] for k in shown} == shown, f"results.md row {trial_id} vs its checkpoint"
+        assert float(row["mAP"]) == best["best_map"] and md_row["mAP"] == f"{best['best_map']:.4f}", trial_id
+        assert row["best_epoch"] == md_row["best_epoch"] == str(best["epoch"]) == "0"
+        assert int(row["params"]) == inference_params(best["model"]) == int(md_row["params"]), trial_id
+        # 2. the checkpoint's config says the same as its tensors
+        for ckpt in (best, last):
+            model = ckpt["config"]["model"]
+            assert (model["head"]["reg_max"], model["head"]["strides"], model["neck"]["out_channels"],
+                    model["head"]["feat_channels"], model["aux_head"]["feat_channels"]) == (
+                got["reg_max"], strides, got["neck_width"], got["head_width"], got["aux_width"]), trial_id
+            assert ckpt["config"]["train"]["lr"] == float(row["train.lr"])
+        # 3. ... and it is what Tune sampled for this trial (Ray's own record), widths derived from reg_max
+        sampled = json.loads((trial / "params.json").read_text())
+        r = sampled["model.head.reg_max"]
+        assert (got["reg_max"], strides, got["neck_width"], got["head_width"], got["aux_width"]) == (
+            r, sampled["model.head.strides"], 8 * r, 6 * r, 16 * r), f"trial {trial_id}: sampled {sampled}, trained {got}"
+        trained.add((got["reg_max"], got["levels"]))
+        assert row["error"] == "" and row["status"] == "finished", row
+        # the rest of the trial's folder
+        assert row["epochs"] == "1" and row["failures"] == "0"
+        assert float(row["gflops"]) > 0 and float(row["cpu_latency_ms"]) > 0
+        assert list(trial.glob("checkpoint_*/last.pt"))
+        config_yaml = yaml.safe_load((trial / "train" / "config.yaml").read_text())
+        assert config_yaml["tracking"]["group"] == "tiny" and config_yaml["tracking"]["name"] == trial_id
+        assert config_yaml["train"]["val_interval"] == 1 and config_yaml["train"]["out_dir"] == str(trial / "train")
+    assert trained == {(4, 3), (4, 4), (8, 3), (8, 4)}  # every grid point trained once
     assert "| rank | trial_id | status | mAP |" in (out / "results.md").read_text()
     best_row = next(r for r in table.values() if r["rank"] == "1")
     best_file = conf / "experiment" / "best_tiny.yaml"
     assert best_file.read_text().startswith("# @package _global_")
     rebuilt = to_dict(compose(["experiment=best_tiny"], config_dir=conf))
-    expected = to_dict(compose(["experiment=demo", "train.epochs=1", f"data.prepared_dir={data_dir}", *TINY,
-                                f"model.head.reg_max={best_row['model.head.reg_max']}",
-                                f"train.lr={best_row['train.lr']}"]))
+    keys = ["model.head.reg_max", "model.head.strides", "train.lr", "model.neck.out_channels",
+            "model.head.feat_channels", "model.aux_head.feat_channels"]
+    expected = to_dict(compose(["experiment=demo", "train.epochs=1", f"data.prepared_dir={data_dir}", *tiny,
+                                *(f"{k}={best_row[k]}" for k in keys)]))
     assert leaf_diff(expected, rebuilt) == {}
     assert not (REPO / "conf" / "experiment" / "best_tiny.yaml").exists()
 
