@@ -54,7 +54,6 @@ class ExportError(UserError, RuntimeError):
     """The exported model does not match PyTorch (or could not be written); the message says by how much."""
 
 
-
 class ExportModule(nn.Module):
     """What goes into the ONNX graph: the inference model plus the output convention of the layout."""
 

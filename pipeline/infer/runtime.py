@@ -33,7 +33,6 @@ class InferenceError(UserError, RuntimeError):
     """A model file that is missing or cannot run as asked; the message names the file and the fix."""
 
 
-
 @dataclass(frozen=True)
 class Preprocessing:
     """How images must be turned into network input for one model (fixed by its training)."""
@@ -101,8 +100,9 @@ class Detector:
             return [multiclass_nms(boxes[i], scores[i], score_thr, iou_thr, max_dets) for i in range(len(boxes))]
         hw = images.shape[2:]
         head = torch.as_tensor(out).float()  # on the backend's device (CPU for .pt files and ONNX)
-        return postprocess(head, priors_for(hw, self.strides, head.device), self.num_classes, self.reg_max, hw, score_thr,
-                           iou_thr, max_dets, scores_are_logits=self.scores_are_logits)
+        priors = priors_for(hw, self.strides, head.device)
+        return postprocess(head, priors, self.num_classes, self.reg_max, hw, score_thr, iou_thr, max_dets,
+                           scores_are_logits=self.scores_are_logits)
 
 
 class TorchDetector(Detector):
@@ -157,7 +157,8 @@ class ModuleDetector(Detector):
         self.model.eval()
         try:
             with autocast(self.device, self.amp_dtype):
-                head_out = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True))
+                batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+                head_out = self.model(batch)
             return head_out.float()
         finally:
             self.model.train(was_training)
