@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from pipeline import bench
+from pipeline import perf
 from pipeline.bench import main
 from pipeline.config import compose
 from pipeline.model import build_model
 from pipeline.model.summary import summarize
+from pipeline.tools import bench as bench_tools
 
 OVERRIDES = ["model=nanodet_plus_m_0.5x", "data.input_size=[64,64]", "model.head.strides=[8,16,32,64]"]
 BACKENDS = ("torch_eager", "onnxruntime_fp32", "onnxruntime_int8")
@@ -48,17 +49,17 @@ def test_bench_infer_prints_json(capsys, tmp_path):
 def test_latency_stats_and_throughput_arithmetic(monkeypatch):
     """Percentiles and mean of known durations (a fake clock advanced by the timed function itself)."""
     clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
     durations = iter([0.5, 0.5, 0.5] + [i / 1e3 for i in range(1, 20)] + [0.1])  # 3 warm-ups, 1..19 ms, 100 ms
 
     def fn():
         clock[0] += next(durations)
 
-    stats = bench.latency_stats(fn, warmup=3, iters=20)
+    stats = perf.latency_stats(fn, warmup=3, iters=20)
     assert stats == pytest.approx({"p50_ms": 10.5, "p90_ms": 18.1, "mean_ms": 14.5, "iters": 20}, rel=1e-9)
 
     durations = iter([1.0] + [0.002] * 4 + [0.012])  # 1 warm-up, then a batch of 8 in 4 ms on average
-    assert bench._throughput(fn, batch=8, iters=5) == pytest.approx(8 / 0.004, rel=1e-9)  # mean, not median
+    assert bench_tools._throughput(fn, batch=8, iters=5) == pytest.approx(8 / 0.004, rel=1e-9)  # mean, not median
 
 
 def test_bench_rejects_bad_override(capsys):

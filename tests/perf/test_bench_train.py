@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pipeline.tools.bench_train as bench_train_module
+from pipeline import perf
 from pipeline.bench import main
 from pipeline.config import compose
 from pipeline.model import build_model
@@ -90,14 +91,14 @@ def test_bench_peak_flop_arithmetic(capsys, monkeypatch):
     minutes on CPUs without bf16 instructions)."""
     calls = []
 
-    def fixed_best(fn, sync, iters):
+    def fixed_times(fn, iters, warmup=1, sync=None):
         (dtype,) = {arg.dtype for arg in fn.__defaults__ if isinstance(arg, torch.Tensor)}
         calls.append((dtype, iters))
         if dtype == torch.float32:
             fn()
-        return 0.25
+        return [0.5, 0.25, 0.75][:max(1, iters)] if iters > 1 else [0.25]
 
-    monkeypatch.setattr(bench_train_module, "_best_seconds", fixed_best)
+    monkeypatch.setattr(bench_train_module, "time_calls", fixed_times)
     assert main(["peak", "--iters", "1", "--threads", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     n, (batch, cin, h, w) = result["matmul_size"], result["conv3x3"]
@@ -109,15 +110,18 @@ def test_bench_peak_flop_arithmetic(capsys, monkeypatch):
     assert calls == [(torch.float32, 1)] * 2 + [(torch.bfloat16, 1)] * 2
 
 
-def test_best_seconds_is_the_minimum_after_a_warm_up(monkeypatch):
+def test_time_calls_drops_the_warm_up_and_times_each_call(monkeypatch):
+    """THE timer (pipeline.perf.time_calls, used by every bench): warm-up calls untimed, one time per call."""
     durations = iter([9.0, 3.0, 1.0, 2.0])  # warm-up (ignored), then three timed runs
     clock = [0.0]
-    monkeypatch.setattr(bench_train_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
 
     def fn():
         clock[0] += next(durations)
 
-    assert bench_train_module._best_seconds(fn, lambda: None, iters=3) == 1.0
+    synced = []
+    assert perf.time_calls(fn, iters=3, warmup=1, sync=lambda: synced.append(1)) == [3.0, 1.0, 2.0]
+    assert len(synced) == 4  # every call, warm-up included, ends with the sync
 
 
 def test_bench_assign_covers_box_counts(capsys):
