@@ -153,7 +153,7 @@ def load_model_for_inference(path: str | os.PathLike, device: str | torch.device
         cfg = from_dict(ckpt["config"])
     except Exception as err:  # noqa: BLE001 - a config written by an older schema
         raise CheckpointError(f"checkpoint {path}: its stored config does not validate: {err}") from None
-    model = build_model(cfg.model, with_aux=False)
+    model = build_model(cfg.model, with_aux=False, load_pretrained=False)  # the checkpoint has every weight
     try:
         state = model_state_for_inference(ckpt, prefer_ema)
     except KeyError:

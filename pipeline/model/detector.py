@@ -70,11 +70,14 @@ class NanoDetPlus(nn.Module):
         return self.head(fpn_feats), self.aux_head(dual)
 
 
-def build_model(cfg_model: ModelConfig, with_aux: bool = True) -> NanoDetPlus:
+def build_model(cfg_model: ModelConfig, with_aux: bool = True, load_pretrained: bool = True) -> NanoDetPlus:
     """Build NanoDet-Plus from ``cfg.model`` (explicit constructor calls, official construction order).
 
     ``with_aux=False`` gives the inference/export model. The GhostPAN gets ``len(head.strides) - 3``
-    extra levels; ``backbone.pretrained`` (a local torchvision file) is loaded after the official init.
+    extra levels; ``backbone.pretrained`` (``imagenet`` or a local torchvision file) is loaded after the
+    official init unless ``load_pretrained=False`` (callers that overwrite every weight right after: a
+    checkpoint, the official import, FLOP counts - so evaluating a model trained from ImageNet weights
+    neither downloads them nor needs them in the cache).
     """
     strides = tuple(int(s) for s in cfg_model.head.strides)
     doubling = all(b == 2 * a for a, b in itertools.pairwise(strides))
@@ -103,6 +106,6 @@ def build_model(cfg_model: ModelConfig, with_aux: bool = True) -> NanoDetPlus:
             strides=strides, reg_max=int(cfg_model.head.reg_max), num_groups=int(cfg_model.aux_head.num_groups),
         )
     model = NanoDetPlus(backbone, fpn, head, aux_head, detach_epoch=int(cfg_model.detach_epoch))
-    if cfg_model.backbone.pretrained:
+    if load_pretrained and cfg_model.backbone.pretrained:
         model.backbone.load_pretrained(cfg_model.backbone.pretrained)
     return model

@@ -158,7 +158,7 @@ def convert(checkpoint: str | Path, out: str | Path, overrides: list[str]) -> Im
     the file has both; otherwise both hold the one set of weights in the file.
     """
     cfg = compose(overrides)
-    model = build_model(cfg.model, with_aux=True)
+    model = build_model(cfg.model, with_aux=True, load_pretrained=False)  # every weight comes from the file
     report = load_official_weights(model, checkpoint, prefer_ema=True)
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     trained = ema

@@ -47,7 +47,7 @@ def _throughput(fn: Callable[[], Any], batch: int, iters: int) -> float:
 def bench_infer(cfg, batch: int, iters: int, int8: bool, threads: int) -> dict[str, Any]:
     torch.manual_seed(0)
     w, h = (int(v) for v in cfg.data.input_size)
-    model = build_model(cfg.model, with_aux=False).eval()
+    model = build_model(cfg.model, with_aux=False, load_pretrained=False).eval()  # speed, not accuracy
     report: dict[str, Any] = {"machine": machine(threads), "input_size": [w, h],
                               "backbone": cfg.model.backbone.size, "batch_throughput": batch}
     report["model"] = {k: v for k, v in summarize(model, (h, w)).items()

@@ -121,7 +121,7 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
     amp_dtype = resolve_amp(amp, dev)
     cfg = compose(list(overrides))
     w, h = (int(v) for v in cfg.data.input_size)
-    flops = training_flops(build_model(cfg.model, with_aux=True), (h, w))
+    flops = training_flops(build_model(cfg.model, with_aux=True, load_pretrained=False), (h, w))
     out: dict[str, Any] = {
         "machine": machine(torch.get_num_threads()), "device": str(dev),
         "model": {"backbone": cfg.model.backbone.size, "input_size": [w, h], "with_aux": True,

@@ -163,7 +163,8 @@ def _configure_torch(cfg: Config, device: torch.device) -> None:
 
 def _build_model(cfg: Config, device: torch.device) -> nn.Module:
     pdist.seed_everything(cfg.train.seed, rank_offset=False)  # identical initial weights on every rank
-    model = build_model(cfg.model, with_aux=True)
+    # train.init_from replaces the backbone too: no need for (or download of) the ImageNet weights then
+    model = build_model(cfg.model, with_aux=True, load_pretrained=not cfg.train.init_from)
     if cfg.train.init_from:
         load_weights_for_finetune(model, cfg.train.init_from)
     if cfg.train.sync_bn and pdist.get_world_size() > 1:

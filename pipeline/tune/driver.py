@@ -32,7 +32,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.config import CONF_DIR, compose
+from pipeline.config import CONF_DIR, PRETRAINED_IMAGENET, compose
 from pipeline.data.prepare import prepare
 from pipeline.errors import UserError
 from pipeline.logging import get_logger
@@ -107,6 +107,8 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     extra = []
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if key == "model.backbone.pretrained" and value == PRETRAINED_IMAGENET:
+            continue  # a keyword (torchvision's weights), not a path
         if value and not os.path.isabs(str(value)):
             extra.append(f"{key}={Path(str(value)).resolve()}")
     return extra

@@ -57,7 +57,7 @@ class TrialRow:
 # ------------------------------------------------------------------------------------- model cost
 def measure_model(cfg: Config, iters: int = 10, warmup: int = 3) -> dict[str, float]:
     """Inference parameters, FLOPs (2 x conv/linear MACs) and median eager CPU latency at batch 1 (1 thread)."""
-    model = build_model(cfg.model, with_aux=False).eval()
+    model = build_model(cfg.model, with_aux=False, load_pretrained=False).eval()  # sizes and latency only
     width, height = (int(v) for v in cfg.data.input_size)
     summary = summarize(model, (height, width))
     images = torch.zeros(1, 3, height, width)

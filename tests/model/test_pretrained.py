@@ -180,3 +180,25 @@ def test_misspelled_imagenet_is_caught_by_the_config():
         compose(["model.backbone.pretrained=ImageNet"])
     with pytest.raises(ConfigError, match="Did you mean 'imagenet'"):
         compose(["model.backbone.pretrained=imagenett"])
+
+
+def test_models_rebuilt_from_a_checkpoint_never_need_the_imagenet_file(hub, tmp_path):
+    """A model trained from ImageNet weights stores pretrained=imagenet in its config; evaluating, exporting or
+    converting it overwrites every weight, so it must work with an empty hub cache (and no download)."""
+    from pipeline.config import to_dict
+    from pipeline.model.checkpoint import load_model_for_inference
+    from pipeline.tune.driver import absolute_paths
+
+    cfg = compose(["model=nanodet_plus_m_0.5x", "model.num_classes=2", "model.backbone.pretrained=imagenet"])
+    weights = build_model(cfg.model, with_aux=False, load_pretrained=False).state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": weights, "ema": None, "config": to_dict(cfg)}, path)
+    model = load_model_for_inference(path)[0]
+    assert not any(hub.glob("*")), "nothing may be downloaded into the cache"
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in weights.items())
+    # a sweep pins relative paths to absolute ones; the keyword stays a keyword
+    pinned = [o for o in absolute_paths(["model.backbone.pretrained=imagenet"]) if o.startswith("model.backbone")]
+    assert pinned == []
+    pinned = [o for o in absolute_paths(["model.backbone.pretrained=w.pth"]) if o.startswith("model.backbone")]
+    assert pinned == [f"model.backbone.pretrained={Path('w.pth').resolve()}"]
