@@ -22,14 +22,15 @@ SPLITS = {"train": (160, 174), "val": (20, 21), "test": (20, 22)}  # data.test_f
 # Measured with the recipe as committed (test split, best.pt chosen on val): see README, "Train on your own
 # data: a walkthrough with real photographs". The floor sits below the lowest seed by the margin explained there.
 AP50_FLOOR = 0.55
-THREADS = "2"  # the recipe's timings are for 2 cores
 
 
 def _stage(stage: str, overrides: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = subprocess_env(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
+    # one thread (testkit's subprocess environment), as the seeds behind AP50_FLOOR were measured; two threads on
+    # a machine that other jobs keep busy ran several times slower here
     proc = subprocess.run([PYTHON, "-m", f"pipeline.{stage}", *overrides, f"hydra.run.dir={cwd / 'hydra' / stage}"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{stage} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+                          cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, \
+        f"{stage} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -39,7 +40,7 @@ def _json(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2700)
 def test_raccoon_prepare_train_evaluate_export(raccoon_dir: Path, tmp_path: Path):
     prepared, run = tmp_path / "prepared", tmp_path / "runs"
     common = ["experiment=raccoon", f"data.root={raccoon_dir}", f"data.prepared_dir={prepared}",
@@ -56,7 +57,7 @@ def test_raccoon_prepare_train_evaluate_export(raccoon_dir: Path, tmp_path: Path
     assert "train 160 images / 174 boxes, val 20 images / 21 boxes, test 20 images / 22 boxes" in out.stdout
 
     # train: the whole recipe
-    _stage("train", [*common, f"train.out_dir={run / 'train'}"], tmp_path, timeout=1500)
+    _stage("train", [*common, f"train.out_dir={run / 'train'}"], tmp_path, timeout=1800)
     best = run / "train" / "best.pt"
     trained = _json(run / "train" / "metrics.json")
     assert best.is_file() and trained["epochs_completed"] == 30 and trained["steps"] == 30 * 10, trained
