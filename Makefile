@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS = 1
 export RAY_USAGE_STATS_ENABLED = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: run test lint bench clean-venv
+.PHONY: run test test-demo lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	@if [ -d $(VENV) ] && [ ! -x $(PY) ]; then rm -rf $(VENV); fi
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the full demo training checked against its AP50 goal (left out of `make test`: 10-35 min by CPU)
+test-demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m demo tests/pipeline/test_demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests

@@ -1,8 +1,10 @@
 """The demo experiment that `make run` trains really learns: validation AP50 >= 0.5 (issue #7).
 
-This is the whole demo (`conf/experiment/demo.yaml`: 1000 training images, 40 epochs, ~9 minutes on 2
-cores), run in-process on a temporary data/run folder: the slowest test of the suite, and the only one that
-checks that the default pipeline produces a useful detector rather than merely running.
+This is the whole demo (`conf/experiment/demo.yaml`: 1000 training images, 40 epochs, ~9 minutes on a 2-core
+AVX512 machine, ~35 on a 2-core AVX2 one), run in-process on a temporary data/run folder. Marked ``demo``: it
+is left out of the default run (`make test`, CI), which must stay within ~25 minutes on 2 cores; run it with
+`make test-demo`. In CI, tests/pipeline/test_raccoon_e2e.py checks a trained detector's accuracy instead
+(real photographs, an AP50 floor on a held-out split).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ GOAL_AP50 = 0.5  # the issue's acceptance bar; five runs of the demo measured 0.
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.demo
+@pytest.mark.timeout(3600)
 def test_demo_experiment_reaches_ap50_goal(tmp_path: Path):
     cfg = compose(["experiment=demo", f"data.prepared_dir={tmp_path / 'prepared'}",
                    f"train.out_dir={tmp_path / 'train'}", "tracking.mode=disabled",
