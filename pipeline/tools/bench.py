@@ -1,18 +1,6 @@
-"""Measurements behind ``python -m pipeline.bench {infer,data,assign,train,peak}`` (printed as JSON; not a test).
-
-* infer  : latency p50/p90 at batch 1 and throughput at batch N for eager PyTorch, onnxruntime fp32 and
-           onnxruntime INT8 (static QDQ, calibrated on random inputs: speed only), params and FLOPs.
-* data   : training input pipeline throughput (pipeline.data.loader.bench_data; needs prepared data).
-* assign : batched Dynamic Soft Label Assigner vs the per-image reference (pipeline.model.assigner).
-* train  : timed training steps (model with aux head; synthetic batches or ``--data loader``) split into
-           data / forward / assign / loss / backward / optimizer, with ``--amp``, ``--channels-last`` and
-           ``--compile`` as in training; training FLOPs per image, achieved FLOP/s vs the measured peak
-           (pipeline.tools.bench_train).
-* peak   : achievable FLOP/s of a large matmul and a 3x3 conv in fp32 and bf16 (the roofline for the above).
-
-The model config is composed like everywhere else: ``--set experiment=nanodet_plus_m_320 ...`` (Hydra
-overrides). Weights are random: latency does not depend on them.
-"""
+"""The inference and machine benchmarks behind ``python -m pipeline.bench infer`` (the command, its options
+and what each benchmark reports are described in :mod:`pipeline.bench`); the training benchmark lives in
+:mod:`pipeline.tools.bench_train`. Weights are random: latency does not depend on them."""
 from __future__ import annotations
 
 import os
