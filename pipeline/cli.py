@@ -22,6 +22,7 @@ from hydra.errors import OverrideParseException
 
 from pipeline.config import CONF_DIR, Config, ConfigError, is_section, unknown_key, validate
 from pipeline.errors import UserError
+from pipeline.logging import log_to_run_files
 
 
 def _groups() -> set[str]:
@@ -110,6 +111,7 @@ def hydra_entry(job_name: str) -> Callable[[Callable[[Config], int | None]], Cal
 
             @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
             def _run(raw) -> None:
+                log_to_run_files()  # Hydra has set up the run dir's log file by now
                 try:
                     cfg = validate(raw)
                     result["code"] = fn(cfg)

@@ -30,6 +30,16 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.propagate = False
 
 
+def log_to_run_files() -> None:
+    """Also write the ``pipeline`` logger's records to the file handlers on the root logger: Hydra puts the
+    per-rank log file of the run dir there (``<job>_rank<R>.log``), and the ``pipeline`` logger does not
+    propagate (its console format is its own), so without this those files stay empty."""
+    ours = logging.getLogger("pipeline")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler not in ours.handlers:
+            ours.addHandler(handler)
+
+
 def get_logger(name: str) -> logging.Logger:
     setup_logging()
     return logging.getLogger(name if name.startswith("pipeline") else f"pipeline.{name}")
