@@ -45,7 +45,7 @@ from pipeline.infer.metrics import (
     run_cocoeval,
     summarize,
 )
-from pipeline.infer.runtime import Detector, InferenceError, Preprocessing, load_detector
+from pipeline.infer.runtime import Detector, InferenceError, Preprocessing, check_model_file, load_detector
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
 
@@ -252,7 +252,8 @@ def evaluate_model(cfg: Config, checkpoint: str | Path | None = None) -> dict[st
     path = Path(checkpoint or cfg.eval.checkpoint)
     if dist.is_main():
         check_out_dir(Path(cfg.eval.out_dir))
-    gt_path = split_json(cfg, cfg.eval.split)  # a missing split stops before the model is loaded
+    check_model_file(path)  # a missing model, then a missing split, are reported before anything is loaded
+    gt_path = split_json(cfg, cfg.eval.split)
     # onnxruntime gets torch's thread count (1 per rank under torchrun) instead of every core
     detector = load_detector(path, device=device, input_size=cfg.data.input_size, threads=torch.get_num_threads())
     log.info("evaluating %s (%s) at %s on %s", path, detector.backend, list(cfg.data.input_size), gt_path)

@@ -241,14 +241,20 @@ class OnnxDetector(Detector):
         return json.loads(self.metadata["config"]) if "config" in self.metadata else None
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu", input_size: Sequence[int] | None = None,
-                  threads: int | None = None) -> Detector:
-    """A .pt checkpoint of ours or an .onnx written by pipeline.export; a clear error otherwise."""
+def check_model_file(path: str | Path) -> Path:
+    """``path`` as a Path; an InferenceError naming it when there is no such file (checked before any work)."""
     path = Path(path)
     if not path.is_file():
         hint = ("train a model first (`python -m pipeline.train`) or point eval.checkpoint / predict.checkpoint "
                 "to an existing .pt or .onnx file")
         raise InferenceError(f"model file {path} does not exist; {hint}")
+    return path
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu", input_size: Sequence[int] | None = None,
+                  threads: int | None = None) -> Detector:
+    """A .pt checkpoint of ours or an .onnx written by pipeline.export; a clear error otherwise."""
+    path = check_model_file(path)
     if path.suffix == ".onnx":
         return OnnxDetector(path, input_size=input_size, threads=threads)
     if path.suffix in TORCH_SUFFIXES:

@@ -299,5 +299,7 @@ def test_evaluate_scores_the_split_named_by_eval_split(tmp_path, make_cfg, write
     with pytest.raises(InferenceError, match=r"test.json does not exist: prepare found no test split in the data "
                                              r"\(eval.split=test\).*data.test_fraction=0.1"):
         evaluate_model(cfg)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
     with pytest.raises(InferenceError, match=r"prepare found no test split"):  # checked before loading a model
-        evaluate_model(cfg, checkpoint=tmp_path / "no_such_model.pt")
+        evaluate_model(cfg, checkpoint=junk)
