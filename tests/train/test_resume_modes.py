@@ -55,18 +55,19 @@ def test_resume_with_loader_workers_repeats_data_order_and_augmentation(tiny, ti
     """data.num_workers=2 (augmentation in worker processes): every step after a mid-epoch resume sees the same
     images (ids) with the same augmentation (pixels) as the uninterrupted run, and the weights end identical.
     The crash is an exception at the end of step 7 (in-process, so that the batches can be recorded)."""
-    from pipeline import engine, faults
+    from pipeline import faults
+    from pipeline.train import step as train_step
 
     seen: dict[int, tuple[list[int], torch.Tensor]] = {}
     step = {"n": 0}
-    to_device = engine._to_device
+    to_device = train_step.to_device
 
     def recording(batch, device, channels_last=False):
         seen[step["n"]] = ([int(m["image_id"]) for m in batch["meta"]], batch["images"].clone())
         step["n"] += 1
         return to_device(batch, device, channels_last)
 
-    monkeypatch.setattr(engine, "_to_device", recording)
+    monkeypatch.setattr(train_step, "to_device", recording)
     workers = ("data.num_workers=2",)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     train(compose(tiny.overrides(tiny_data, reference, *EXTRA, *workers)))
