@@ -34,8 +34,10 @@ def log_to_run_files() -> None:
     """Also write the ``pipeline`` logger's records to the file handlers on the root logger: Hydra puts the
     per-rank log file of the run dir there (``<job>_rank<R>.log``), and the ``pipeline`` logger does not
     propagate (its console format is its own), so without this those files stay empty."""
-    ours = logging.getLogger("pipeline")
-    for handler in logging.getLogger().handlers:
+    ours, root = logging.getLogger("pipeline"), logging.getLogger()
+    for handler in [h for h in ours.handlers if isinstance(h, logging.FileHandler) and h not in root.handlers]:
+        ours.removeHandler(handler)  # an earlier run's file (several runs in one process: tests, sweeps)
+    for handler in root.handlers:
         if isinstance(handler, logging.FileHandler) and handler not in ours.handlers:
             ours.addHandler(handler)
 
