@@ -33,15 +33,21 @@ def _pytest(node: str, env_var: str, folder: Path, ci: str | None) -> subprocess
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_missing_shared_folder_fails_under_ci(case, tmp_path):
+def _run_with_empty_folder(case: str, tmp_path: Path, ci: str | None) -> tuple[str, Path, int, str]:
+    """The case's test node run with its shared folder pointing at an empty one: (variable, folder, exit
+    code, output)."""
     env_var, node = CASES[case]
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = _pytest(node, env_var, empty, ci="true")
-    output = res.stdout + res.stderr
-    assert res.returncode != 0, f"{case}: CI=true and {env_var}={empty} (empty) passed:\n{output[-3000:]}"
+    res = _pytest(node, env_var, empty, ci=ci)
+    return env_var, empty, res.returncode, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_missing_shared_folder_fails_under_ci(case, tmp_path):
+    env_var, empty, code, output = _run_with_empty_folder(case, tmp_path, ci="true")
+    assert code != 0, f"{case}: CI=true and {env_var}={empty} (empty) passed:\n{output[-3000:]}"
     assert str(empty) in output and env_var in output, output[-3000:]
     assert "CI=true" in output and "not a skip" in output, output[-3000:]
     assert " passed" not in output.splitlines()[-1], output[-3000:]
@@ -50,12 +56,8 @@ def test_missing_shared_folder_fails_under_ci(case, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_missing_shared_folder_skips_with_the_reason_outside_ci(case, tmp_path):
-    env_var, node = CASES[case]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    res = _pytest(node, env_var, empty, ci=None)
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, f"{case}: exit {res.returncode} without CI:\n{output[-3000:]}"
+    env_var, empty, code, output = _run_with_empty_folder(case, tmp_path, ci=None)
+    assert code == 0, f"{case}: exit {code} without CI:\n{output[-3000:]}"
     skipped = [ln for ln in output.splitlines() if ln.startswith("SKIPPED")]
     assert skipped and all(str(empty) in ln and env_var in ln for ln in skipped), output[-3000:]
     assert "skipped" in output.splitlines()[-1] and "passed" not in output.splitlines()[-1], output[-3000:]
