@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench {infer,data,assign,train,peak}`: measurements printed as JSON (not a test).
+"""`python -m pipeline.bench {infer,data,assign,train,peak,tta}`: measurements printed as JSON (not a test).
 
 * infer  : latency p50/p90 at batch 1 and throughput at batch N for eager PyTorch, onnxruntime fp32 and
            onnxruntime INT8 (static QDQ, calibrated on random inputs: speed only), params and FLOPs.
@@ -9,6 +9,10 @@
            ``--compile`` as in training; training FLOPs per image, achieved FLOP/s vs the measured peak
            (pipeline.tools.bench_train).
 * peak   : achievable FLOP/s of a large matmul and a 3x3 conv in fp32 and bf16 (the roofline for the above).
+* tta    : time to accuracy: train the recipe (``--set``) validating every epoch, ``--seeds`` one after the other,
+           and with ``--official`` the official NanoDet-Plus ``tools/train.py`` on the same data with the same recipe
+           (../shared/anchors); epoch / wall seconds / mAP per run in ``<--out-dir>/tta.json`` + ``tta.png``
+           (pipeline.tools.tta).
 
 The model config is composed like everywhere else: ``--set experiment=nanodet_plus_m_320 ...`` (Hydra
 overrides). Weights are random: latency does not depend on them.
@@ -25,15 +29,19 @@ import torch
 
 from pipeline.config import ConfigError, compose
 from pipeline.data.loader import bench_data
+from pipeline.errors import UserError
 from pipeline.model.assigner import bench_assign
 from pipeline.tools.bench import bench_infer, machine
 from pipeline.tools.bench_train import bench_peak, bench_train
+from pipeline.tools.tta import Official, bench_tta
+
+REF = Path(os.environ.get("NANODET_REF", Path.home() / "nanodet-ref"))
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["infer", "data", "assign", "train", "peak"])
+    parser.add_argument("what", choices=["infer", "data", "assign", "train", "peak", "tta"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. experiment=nanodet_plus_m_320")
     parser.add_argument("--batch", type=int, default=16, help="infer: throughput batch; assign: batch")
@@ -52,7 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "loader"],
                         help="train: synthetic batches, or the real training loader (needs prepared data)")
     parser.add_argument("--no-peak", action="store_true", help="train: skip the peak FLOP/s measurement")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_tta"), help="tta: working folder")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="tta: train.seed of each run")
+    parser.add_argument("--official", action="store_true", help="tta: also run the official tools/train.py")
+    parser.add_argument("--only-official", action="store_true", help="tta: run the official side only")
+    parser.add_argument("--official-python", type=Path, default=REF / "venv" / "bin" / "python")
+    parser.add_argument("--nanodet-src", type=Path, default=Path(os.environ.get("NANODET_SRC", REF / "src")))
+    parser.add_argument("--anchors", type=Path, default=Path("../shared/anchors"))
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -72,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                          strides=tuple(cfg.model.head.strides), num_classes=int(cfg.model.num_classes),
                          device=args.device)
             for num_gt in args.num_gt]}
+    elif args.what == "tta":
+        official = (Official(args.official_python, args.nanodet_src, args.anchors.resolve())
+                    if args.official or args.only_official else None)
+        sides = ("official",) if args.only_official else ("ours", "official")
+        result = bench_tta(list(args.set), args.out_dir, list(args.seeds), threads, official, sides)
     elif args.what == "train":
         result = bench_train(list(args.set), args.train_batches, max(1, args.iters), args.amp, args.channels_last,
                              args.compile, args.data, args.device, with_peak=not args.no_peak)
