@@ -175,7 +175,7 @@ class TrainConfig:
     init_from: str | None = None  # weights to fine-tune from (.pt of ours, official .ckpt/.pth)
     patience: int = 0  # early stopping in validations without improvement; 0 = off
     max_nonfinite: int = 5  # consecutive skipped non-finite steps before stopping
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 with AVX512-BF16/AMX-BF16, else off) | off | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     deterministic: bool = False
@@ -202,6 +202,10 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------- export
+# export.formats: ONNX (onnxruntime), OpenVINO (.xml + .bin), NCNN (.param + .bin), MNN (.mnn)
+EXPORT_FORMATS = ("onnx", "openvino", "ncnn", "mnn")
+
+
 @dataclass
 class ExportConfig:
     checkpoint: str = "runs/train/best.pt"
@@ -215,6 +219,8 @@ class ExportConfig:
     int8: bool = False
     calib_images: int = 64
     int8_max_map_drop: float = 0.01  # the stage fails when INT8 mAP is more than this below the fp32 ONNX mAP
+    # onnx is always written (the others are converted from it); see EXPORT_FORMATS
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
 
 
 # --------------------------------------------------------------------------------------- predict
@@ -427,6 +433,13 @@ def check_consistency(cfg: Config) -> None:
     drop = cfg.export.int8_max_map_drop
     if not 0.0 <= drop <= 1.0:
         _fail("export.int8_max_map_drop", f"must be in [0, 1] (an mAP difference), got {drop}")
+    formats = list(cfg.export.formats)
+    bad = [f for f in formats if f not in EXPORT_FORMATS]
+    if bad or not formats or len(set(formats)) != len(formats):
+        close = difflib.get_close_matches(str(bad[0]), EXPORT_FORMATS, n=1) if bad else []
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        _fail("export.formats", f"{formats}: each must be one of {list(EXPORT_FORMATS)}, listed once, at least one."
+              f"{hint} e.g. export.formats=[onnx,openvino]")
 
 
 # ---------------------------------------------------------------------------------- composition

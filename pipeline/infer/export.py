@@ -1,175 +1,69 @@
-"""ONNX export of the inference model (no aux branch), verified (``python -m pipeline.export`` runs
-:func:`export_model`).
+"""The export stage (``python -m pipeline.export`` runs :func:`export_model`): ONNX always, plus OpenVINO,
+NCNN and MNN when listed in ``export.formats``, each verified against PyTorch; optional INT8.
 
-Layouts (export.decode_in_graph):
-* raw (default, like the official export): one output ``output [B, N, C + 4(R+1)]`` = sigmoid class
-  scores followed by the raw DFL logits (left, top, right, bottom x R+1 bins); decode with priors
-  ``(col*s, row*s)``, softmax + expectation per side times the stride, then NMS (pipeline.model.decode).
-* decoded: ``scores [B, N, C]`` and ``boxes [B, N, 4]`` xyxy in network-input pixels (NMS left to the user).
+Converters live in :mod:`pipeline.infer.exporters` (one module per format; the layouts and the metadata
+dictionary in :mod:`pipeline.infer.exporters.onnx_export`); the runtimes in :mod:`pipeline.infer.runtime`.
 
-Input ``images [B, 3, H, W]`` float32 BGR, ``(pixel - mean) / std``, batch axis dynamic. The dummy input
-is built as ``[1, 3, h, w]`` from the config's ``[w, h]`` (the official script swapped them, issue #574).
-Everything needed to run the file is in ``metadata_props`` (see :func:`build_metadata`).
+Verification of every model (fails the stage): its runtime vs PyTorch on real validation images (max |diff|
+<= export.atol) and its mAP on the val split within export.map_tolerance of the PyTorch mAP. A rejected model
+is deleted (no file that looks usable is left behind); the verified ONNX model stays. INT8 (export.int8):
+onnxruntime static QDQ, and OpenVINO through NNCF when openvino is selected, each calibrated on real
+training images and rejected (deleted, stage fails) when its mAP is more than export.int8_max_map_drop below
+its own fp32 model's mAP.
 
-Verification (fails the stage): onnxruntime vs PyTorch on real validation images (max |diff| <= export.atol)
-and the ONNX mAP on the val split within export.map_tolerance of the PyTorch mAP. Optional INT8 static
-quantization (QDQ, per-channel) reports its mAP drop and speed-up, and fails the stage when its mAP is more
-than export.int8_max_map_drop below the fp32 ONNX mAP: the rejected model.int8.onnx is deleted (no file
-that looks usable is left behind), the verified fp32 model.onnx stays, export.json records the numbers.
-
-Writes to <export.out_dir>: model.onnx, model.int8.onnx (optional), export.json (every detail: parity,
-both mAPs, latency, INT8 numbers; written even when a check fails, to show why) and, last and only when
-every check passed, metrics.json (the headline numbers for `dvc metrics show`, see :data:`HEADLINE`).
-A metrics.json or model.int8.onnx left by an earlier run is removed first, so neither describes a failed one.
+Writes to <export.out_dir>: model.onnx, model.int8.onnx (optional); under deploy/: model.openvino.xml/.bin,
+model.int8.openvino.xml/.bin, model.ncnn.param/.bin + model.ncnn.param.json, model.mnn + model.mnn.json
+(those selected); export.json (every detail, written even when a check fails, to show why) and, last and
+only when every check passed, metrics.json (the headline numbers for `dvc metrics show`, see
+:data:`HEADLINE`). Files of an earlier run that this one would rewrite are removed first.
 """
 from __future__ import annotations
 
 import json
-import logging
-import tempfile
-import warnings
-from collections.abc import Sequence
-from importlib import metadata as importlib_metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from pipeline.config import Config, config_hash
+from pipeline.config import Config
 from pipeline.data.transforms import read_image
-from pipeline.errors import UserError
 from pipeline.infer import evaluate as evaluation  # module access: tests replace its functions
-from pipeline.infer.runtime import OnnxDetector, Preprocessing, TorchDetector, preprocess_batch
+from pipeline.infer.exporters.common import ExportError, remove_model
+from pipeline.infer.exporters.mnn_export import mnn_files, to_mnn
+from pipeline.infer.exporters.ncnn_export import ncnn_files, to_ncnn
+from pipeline.infer.exporters.onnx_export import ExportModule, build_metadata, export_onnx, quantize_int8
+from pipeline.infer.exporters.openvino_export import ir_files, quantize_openvino, to_openvino
+from pipeline.infer.runtime import (
+    Detector,
+    InferenceError,
+    OnnxDetector,
+    TorchDetector,
+    load_detector,
+    preprocess_batch,
+)
 from pipeline.io import atomic_write
 from pipeline.logging import get_logger
-from pipeline.model.decode import decode_for_export, num_bins, priors_for
 from pipeline.perf import latency_stats
+
+__all__ = ["HEADLINE", "ExportError", "check_int8_drop", "check_parity", "export_model", "headline"]
 
 log = get_logger("pipeline.export")
 
-
-class ExportError(UserError, RuntimeError):
-    """The exported model does not match PyTorch (or could not be written); the message says by how much."""
-
-
-class ExportModule(nn.Module):
-    """What goes into the ONNX graph: the inference model plus the output convention of the layout."""
-
-    def __init__(self, model: nn.Module, input_hw: Sequence[int], decode_in_graph: bool):
-        super().__init__()
-        self.model = model.eval()
-        self.num_classes, self.reg_max = int(model.num_classes), int(model.reg_max)
-        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
-        self.decode_in_graph = decode_in_graph
-        # fixed H, W -> the priors are constants of the graph
-        self.register_buffer("priors", priors_for(self.input_hw, model.strides).clone(), persistent=False)
-        # eval mode on the wrapper too: the exporter restores the wrapper's mode recursively afterwards,
-        # which would otherwise switch the shared model's BatchNorm layers to training mode
-        self.eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """[B, 3, H, W] -> raw [B, N, C + 4(R+1)] or (scores [B, N, C], boxes [B, N, 4])."""
-        head_out = self.model(images)
-        if self.decode_in_graph:
-            return decode_for_export(head_out, self.priors, self.num_classes, self.reg_max, self.input_hw)
-        cls_logits, reg_logits = head_out.split([self.num_classes, num_bins(self.reg_max)], dim=-1)
-        return torch.cat([cls_logits.sigmoid(), reg_logits], dim=-1)
-
-
-def output_names(decode_in_graph: bool) -> list[str]:
-    return ["scores", "boxes"] if decode_in_graph else ["output"]
-
-
-def export_onnx(module: ExportModule, path: str | Path, opset: int = 17, dynamic_batch: bool = True) -> Path:
-    """Trace ``module`` to ``path`` with a ``[1, 3, H, W]`` dummy; static H, W; optional dynamic batch.
-
-    The TorchScript-based exporter is used (dynamo=False): it writes the requested opset exactly,
-    while the dynamo exporter's down-conversion to opset 17 produced an invalid Split node here, and it
-    takes ~0.5 s instead of ~10 s.
-    """
-    import onnx  # optional heavy dependency: only when exporting
-
-    if opset < 17:
-        raise ExportError(f"export.opset={opset}: opset >= 17 is required")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module.eval()
-    height, width = module.input_hw
-    dummy = torch.zeros(1, 3, height, width)
-    names = output_names(module.decode_in_graph)
-    axes = {n: {0: "batch"} for n in ["images", *names]} if dynamic_batch else None
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer / deprecation chatter about the exporter choice
-        torch.onnx.export(module, (dummy,), str(path), input_names=["images"], output_names=names,
-                          opset_version=opset, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
-    model = onnx.load(str(path))
-    num_points = int(module.priors.shape[0])
-    widths = [module.num_classes, 4] if module.decode_in_graph else [module.num_classes + num_bins(module.reg_max)]
-    for out, last in zip(model.graph.output, widths):  # the tracer leaves N and C symbolic; they are fixed
-        dims = out.type.tensor_type.shape.dim
-        dims[1].dim_value, dims[2].dim_value = num_points, last
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def package_version() -> str:
-    try:
-        return importlib_metadata.version("nanodet-pipeline")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def build_metadata(model_cfg: dict, class_names: Sequence[str], pre: Preprocessing, strides: Sequence[int],
-                   reg_max: int, decode_in_graph: bool, thresholds: dict[str, float]) -> dict[str, str]:
-    """The key/value strings stored in ``ModelProto.metadata_props`` (lists and dicts as JSON)."""
-    layout = "decoded" if decode_in_graph else "raw"
-    c, bins = len(class_names), num_bins(reg_max)
-    outputs = ("scores [B, N, C] sigmoid probabilities; boxes [B, N, 4] x1,y1,x2,y2 network-input pixels"
-               if decode_in_graph else
-               f"output [B, N, {c + bins}]: {c} sigmoid class scores, then {bins} DFL logits (l,t,r,b x {reg_max + 1})")
-    return {
-        "format": "nanodet-plus",
-        "class_names": json.dumps(list(class_names)),
-        "num_classes": str(c),
-        "input_size": json.dumps(list(pre.input_size)),
-        "input": "images [B, 3, H, W] float32 BGR, (pixel - mean) / std",
-        "mean": json.dumps(list(pre.mean)),
-        "std": json.dumps(list(pre.std)),
-        "preprocessing": pre.mode,
-        "strides": json.dumps(list(strides)),
-        "reg_max": str(reg_max),
-        "priors": "x = col * stride, y = row * stride (no half-cell offset), levels in stride order",
-        "layout": layout,
-        "outputs": outputs,
-        "score_thr": str(thresholds["score_thr"]),
-        "iou_thr": str(thresholds["iou_thr"]),
-        "max_dets": str(thresholds["max_dets"]),
-        "package_version": package_version(),
-        "config_hash": config_hash(model_cfg),
-        "config": json.dumps(model_cfg, sort_keys=True),
-    }
-
-
-def write_metadata(path: str | Path, meta: dict[str, str]) -> None:
-    import onnx  # optional heavy dependency: only when exporting
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.producer_name, model.producer_version = "nanodet-pipeline", meta.get("package_version", "")
-    onnx.save(model, str(path))
+DEPLOY_DIR = "deploy"
+# format -> (file name under deploy/, its files: the named one last)
+DEPLOY_FILES: dict[str, tuple[str, Callable[[Path], list[Path]]]] = {
+    "openvino": ("model.openvino.xml", ir_files), "ncnn": ("model.ncnn.param", ncnn_files),
+    "mnn": ("model.mnn", mnn_files), "openvino_int8": ("model.int8.openvino.xml", ir_files),
+}
 
 
 # ---------------------------------------------------------------------------------- verification
-def max_abs_diff(torch_out: Any, onnx_out: Any) -> float:
+def max_abs_diff(torch_out: Any, other_out: Any) -> float:
     """Largest |difference| over all outputs (tensors or tuples of them)."""
     t = torch_out if isinstance(torch_out, tuple) else (torch_out,)
-    o = onnx_out if isinstance(onnx_out, tuple) else (onnx_out,)
+    o = other_out if isinstance(other_out, tuple) else (other_out,)
     return max(float(np.abs(a.detach().cpu().numpy() - np.asarray(b)).max()) for a, b in zip(t, o))
 
 
@@ -182,31 +76,63 @@ def load_images(json_path: Path, count: int, seed: int | None = None) -> list[np
     return [read_image(p) for _, p in records[:count]]
 
 
-def check_parity(module: ExportModule, onnx_det: OnnxDetector, images: np.ndarray, atol: float) -> float:
+def check_parity(module: ExportModule, det: Detector, images: np.ndarray, atol: float) -> float:
+    """max |runtime - PyTorch| over ``images`` [B, 3, H, W]; an ExportError naming the runtime above ``atol``."""
     with torch.no_grad():
         ref = module(torch.from_numpy(images))
-    diff = max_abs_diff(ref, onnx_det.forward(images))
+    diff = max_abs_diff(ref, det.forward(images))
     if not diff <= atol:
-        raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> export.atol={atol}) on "
-                          f"{len(images)} validation images; the export of {onnx_det.path} is not faithful")
+        raise ExportError(f"{det.backend} output differs from PyTorch by {diff:.3g} (> export.atol={atol}) on "
+                          f"{len(images)} validation images; the export of {det.path} is not faithful")
     return diff
 
 
-def export_model(cfg: Config) -> dict[str, Any]:
-    """Export ``export.checkpoint``, verify it, optionally quantize; returns the export.json dict.
+def check_map(name: str, map_model: float, map_torch: float, tolerance: float) -> None:
+    diff = abs(map_torch - map_model)
+    if not diff <= tolerance:
+        raise ExportError(f"{name} mAP {map_model:.4f} differs from PyTorch mAP {map_torch:.4f} by {diff:.4f} "
+                          f"(> export.map_tolerance={tolerance})")
 
-    Raises ExportError when a check fails (after writing export.json; metrics.json is then absent).
-    """
+
+def check_int8_drop(int8: dict[str, Any], map_fp32: float, max_drop: float, fp32_path: Path,
+                    fmt: str = "ONNX") -> str | None:
+    """None when the INT8 mAP is within ``max_drop`` of ``map_fp32``; otherwise delete the INT8 files, mark
+    the report (``int8["rejected"]``) and return the error message for the stage to raise."""
+    drop = int8["map_drop"]
+    int8["max_map_drop"] = max_drop
+    # 1e-9: a drop equal to the bound passes even when the subtraction rounds a hair above it
+    if drop <= max_drop + 1e-9:
+        int8["rejected"] = False
+        return None
+    int8_path = Path(int8["path"])
+    remove_model(ir_files(int8_path) if int8_path.suffix == ".xml" else [int8_path])
+    int8["rejected"], int8["path"] = True, None
+    return (f"INT8 mAP {int8['map']:.4f} is {drop:.4f} below the fp32 {fmt} mAP {map_fp32:.4f}, more than "
+            f"export.int8_max_map_drop={max_drop}; the INT8 model was deleted ({int8_path}), the verified fp32 "
+            f"model {fp32_path} is kept. Calibrate on more images (export.calib_images), allow a larger drop "
+            "(export.int8_max_map_drop) or export without INT8 (export.int8=false)")
+
+
+# --------------------------------------------------------------------------------------- the stage
+def _remove_stale(out_dir: Path) -> None:
+    """The old headline, INT8 model and deploy formats must not describe the new export if this run fails."""
+    for stale in ("metrics.json", "model.int8.onnx"):
+        (out_dir / stale).unlink(missing_ok=True)
+    for name, files in DEPLOY_FILES.values():
+        remove_model(files(out_dir / DEPLOY_DIR / name))
+
+
+def export_model(cfg: Config) -> dict[str, Any]:
+    """Export ``export.checkpoint`` to every format of export.formats, verify each, optionally quantize;
+    returns the export.json dict. Raises ExportError when a check fails (after writing export.json;
+    metrics.json is then absent)."""
     e = cfg.export
     out_dir = Path(e.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # the old headline and INT8 model must not describe the new export if this run fails
-    for stale in ("metrics.json", "model.int8.onnx"):
-        (out_dir / stale).unlink(missing_ok=True)
+    _remove_stale(out_dir)
     torch_det = TorchDetector(e.checkpoint, device="cpu", input_size=cfg.data.input_size)
     pre = torch_det.preprocessing
     module = ExportModule(torch_det.model, pre.input_hw, e.decode_in_graph)
-    onnx_path = export_onnx(module, out_dir / "model.onnx", e.opset, e.dynamic_batch)
     thresholds = {"score_thr": cfg.eval.score_thr, "iou_thr": cfg.eval.iou_thr, "max_dets": cfg.eval.max_dets}
     val_json = evaluation.split_json(cfg, "val")
     class_names = [c["name"] for c in sorted(json.loads(val_json.read_text())["categories"], key=lambda c: c["id"])]
@@ -215,8 +141,9 @@ def export_model(cfg: Config) -> dict[str, Any]:
                           f"{len(class_names)}; export needs the data the model was trained for (to verify it)")
     meta = build_metadata(torch_det.config_dict(), class_names, pre, torch_det.strides, torch_det.reg_max,
                           e.decode_in_graph, thresholds)
-    write_metadata(onnx_path, meta)
-    onnx_det = OnnxDetector(onnx_path, threads=torch.get_num_threads())
+    onnx_path = export_onnx(module, out_dir / "model.onnx", e.opset, e.dynamic_batch, meta)
+    threads = torch.get_num_threads()
+    onnx_det = OnnxDetector(onnx_path, threads=threads)
     images, _ = preprocess_batch(onnx_det, load_images(val_json, e.verify_images))
     diff = check_parity(module, onnx_det, images, e.atol)
     log.info("parity: max |onnxruntime - torch| = %.3g on %d images (atol %g)", diff, len(images), e.atol)
@@ -226,128 +153,125 @@ def export_model(cfg: Config) -> dict[str, Any]:
         "onnx": str(onnx_path), "layout": meta["layout"], "opset": e.opset, "input_size": list(pre.input_size),
         "dynamic_batch": e.dynamic_batch, "size_bytes": onnx_path.stat().st_size, "verify_images": len(images),
         "max_abs_diff": diff, "atol": e.atol, "map_torch": map_torch, "map_onnx": map_onnx,
-        "map_diff": abs(map_torch - map_onnx), "map_tolerance": e.map_tolerance,
+        "map_diff": abs(map_torch - map_onnx), "map_tolerance": e.map_tolerance, "formats": {},
     }
     one = images[:1]
     report["latency_ms"] = {"torch": latency_stats(lambda: module(torch.from_numpy(one))),
                             "onnxruntime": latency_stats(lambda: onnx_det.forward(one))}
-    int8_error = None
+    errors: list[str] = []
+    calib = calibration_images(cfg, onnx_det) if e.int8 else None
     if e.int8:
-        report["int8"] = export_int8(onnx_path, meta, cfg, map_onnx, one, report["latency_ms"])
-        int8_error = check_int8_drop(report["int8"], map_onnx, e.int8_max_map_drop, onnx_path)
+        report["int8"] = export_int8(onnx_path, meta, cfg, map_onnx, one, report["latency_ms"], calib)
+        errors.append(check_int8_drop(report["int8"], map_onnx, e.int8_max_map_drop, onnx_path) or "")
+    for fmt in (f for f in e.formats if f != "onnx"):
+        entry = report["formats"][fmt] = {}
+        try:
+            export_deploy(fmt, onnx_path, out_dir / DEPLOY_DIR, meta, module, images, map_torch, cfg, entry,
+                          report["latency_ms"])
+            if fmt == "openvino" and e.int8:
+                entry["int8"] = export_openvino_int8(Path(entry["path"]), meta, cfg, entry["map"], one, calib,
+                                                     report["latency_ms"])
+                errors.append(check_int8_drop(entry["int8"], entry["map"], e.int8_max_map_drop,
+                                              Path(entry["path"]), "OpenVINO") or "")
+        except ExportError as err:
+            entry["error"] = str(err)
+            errors.append(str(err))
     atomic_write(out_dir / "export.json", json.dumps(report, indent=2))
-    if not report["map_diff"] <= e.map_tolerance:
-        raise ExportError(f"ONNX mAP {map_onnx:.4f} differs from PyTorch mAP {map_torch:.4f} by "
-                          f"{report['map_diff']:.4f} (> export.map_tolerance={e.map_tolerance}); see {out_dir}/export.json")
-    if int8_error:
-        raise ExportError(int8_error)
+    try:
+        check_map("ONNX", map_onnx, map_torch, e.map_tolerance)
+    except ExportError as err:
+        raise ExportError(f"{err}; see {out_dir}/export.json") from None
+    errors = [m for m in errors if m]
+    if errors:
+        raise ExportError(" | ".join(errors) + f" (details: {out_dir}/export.json)")
     atomic_write(out_dir / "metrics.json", json.dumps(headline(report), indent=2))  # last: every check passed
-    log.info("exported %s: mAP torch %.4f onnx %.4f", onnx_path, map_torch, map_onnx)
+    log.info("exported %s (+ %s): mAP torch %.4f onnx %.4f", onnx_path, [f for f in e.formats if f != "onnx"],
+             map_torch, map_onnx)
     return report
+
+
+def export_deploy(fmt: str, onnx_path: Path, deploy_dir: Path, meta: dict[str, str], module: ExportModule,
+                  images: np.ndarray, map_torch: float, cfg: Config, entry: dict[str, Any], latency: dict) -> None:
+    """Convert the verified ONNX model to ``fmt``, then verify it like the ONNX one (fills ``entry``); on any
+    failure the converted files are deleted and an ExportError names the format and what to do."""
+    name, files = DEPLOY_FILES[fmt]
+    dest = deploy_dir / name
+    hw = module.input_hw
+    convert = {"openvino": lambda: to_openvino(onnx_path, dest, meta), "ncnn": lambda: to_ncnn(onnx_path, dest, meta, hw),
+               "mnn": lambda: to_mnn(onnx_path, dest, meta)}[fmt]
+    try:
+        convert()
+        det = load_detector(dest, threads=torch.get_num_threads())
+        entry.update(path=str(dest), size_bytes=sum(p.stat().st_size for p in files(dest) if p.suffix != ".json"))
+        entry["max_abs_diff"] = check_parity(module, det, images, cfg.export.atol)
+        entry["map"] = evaluation.evaluate_detector(det, cfg)["mAP"]
+        entry["map_diff"] = abs(entry["map"] - map_torch)
+        check_map(fmt, entry["map"], map_torch, cfg.export.map_tolerance)
+        latency[det.backend] = latency_stats(lambda: det.forward(images[:1]))
+        log.info("%s: max |diff| %.3g, mAP %.4f", fmt, entry["max_abs_diff"], entry["map"])
+    except (ExportError, InferenceError) as err:
+        remove_model(files(dest))
+        entry.pop("path", None)
+        raise ExportError(f"export to {fmt} failed: {err}. The {fmt} model was deleted; the verified ONNX model "
+                          f"{onnx_path} is kept. Drop {fmt} from export.formats to export the others") from None
+
+
+# ------------------------------------------------------------------------------------------- INT8
+def calibration_images(cfg: Config, det: Detector) -> np.ndarray:
+    """``export.calib_images`` real training images (a seeded sample), preprocessed: [B, 3, H, W]."""
+    calib, _ = preprocess_batch(det, load_images(evaluation.split_json(cfg, "train"), cfg.export.calib_images, seed=0))
+    return calib
+
+
+def _int8_entry(path: Path, det: Detector, cfg: Config, map_fp32: float, one: np.ndarray, latency: dict,
+                fp32_key: str, calib: np.ndarray) -> dict[str, Any]:
+    map_int8 = evaluation.evaluate_detector(det, cfg)["mAP"]
+    latency[f"{fp32_key}_int8"] = latency_stats(lambda: det.forward(one))
+    speedup = latency[fp32_key]["p50_ms"] / latency[f"{fp32_key}_int8"]["p50_ms"]
+    log.info("%s int8: mAP %.4f (drop %.4f), %.2fx faster than fp32", fp32_key, map_int8, map_fp32 - map_int8, speedup)
+    return {"path": str(path), "map": map_int8, "map_drop": map_fp32 - map_int8, "speedup_vs_fp32": speedup,
+            "calib_images": len(calib), "size_bytes": path.stat().st_size}
+
+
+def export_int8(onnx_path: Path, meta: dict[str, str], cfg: Config, map_fp32: float, one: np.ndarray,
+                latency: dict, calib: np.ndarray) -> dict[str, Any]:
+    int8_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"), calib, meta)
+    det = OnnxDetector(int8_path, threads=torch.get_num_threads())
+    return _int8_entry(int8_path, det, cfg, map_fp32, one, latency, "onnxruntime", calib)
+
+
+def export_openvino_int8(fp32_xml: Path, meta: dict[str, str], cfg: Config, map_fp32: float, one: np.ndarray,
+                         calib: np.ndarray, latency: dict) -> dict[str, Any]:
+    dest = fp32_xml.with_name(DEPLOY_FILES["openvino_int8"][0])
+    try:
+        quantize_openvino(fp32_xml, dest, [calib[i:i + 1] for i in range(len(calib))], meta)
+        det = load_detector(dest, threads=torch.get_num_threads())
+        entry = _int8_entry(dest, det, cfg, map_fp32, one, latency, "openvino", calib)
+    except (ExportError, InferenceError) as err:
+        remove_model(ir_files(dest))
+        raise ExportError(f"OpenVINO INT8: {err}") from None
+    entry["size_bytes"] = sum(p.stat().st_size for p in ir_files(dest))
+    return entry
 
 
 # The numbers `dvc metrics show` prints for the export stage (runs/export/metrics.json); the rest of the
 # report (latency percentiles, sizes, settings) stays in export.json, which DVC does not read as a metric.
 HEADLINE = ("map_torch", "map_onnx", "map_diff", "max_abs_diff", "onnxruntime_p50_ms",
-            "int8_map", "int8_map_drop", "int8_speedup_vs_fp32")
+            "int8_map", "int8_map_drop", "int8_speedup_vs_fp32",
+            "openvino_map", "openvino_max_abs_diff", "openvino_p50_ms", "openvino_int8_map", "openvino_int8_map_drop",
+            "ncnn_map", "ncnn_max_abs_diff", "ncnn_p50_ms", "mnn_map", "mnn_max_abs_diff", "mnn_p50_ms")
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:
-    """The flat headline numbers of an export report (the INT8 ones only when INT8 was exported)."""
+    """The flat headline numbers of an export report (INT8 and the other formats only when exported)."""
     flat = {k: report[k] for k in ("map_torch", "map_onnx", "map_diff", "max_abs_diff")}
     flat["onnxruntime_p50_ms"] = report["latency_ms"]["onnxruntime"]["p50_ms"]
     if "int8" in report:
         q = report["int8"]
         flat.update(int8_map=q["map"], int8_map_drop=q["map_drop"], int8_speedup_vs_fp32=q["speedup_vs_fp32"])
+    for fmt, entry in report.get("formats", {}).items():
+        flat.update({f"{fmt}_map": entry["map"], f"{fmt}_max_abs_diff": entry["max_abs_diff"],
+                     f"{fmt}_p50_ms": report["latency_ms"][fmt]["p50_ms"]})
+        if "int8" in entry:
+            flat.update({f"{fmt}_int8_map": entry["int8"]["map"], f"{fmt}_int8_map_drop": entry["int8"]["map_drop"]})
     return {k: float(flat[k]) for k in HEADLINE if k in flat}
-
-
-def check_int8_drop(int8: dict[str, Any], map_fp32: float, max_drop: float, fp32_path: Path) -> str | None:
-    """None when the INT8 mAP is within ``max_drop`` of ``map_fp32``; otherwise delete the INT8 file, mark
-    the report (``int8["rejected"]``) and return the error message for the stage to raise."""
-    drop = int8["map_drop"]
-    int8["max_map_drop"] = max_drop
-    # 1e-9: a drop equal to the bound passes even when the subtraction rounds a hair above it
-    if drop <= max_drop + 1e-9:
-        int8["rejected"] = False
-        return None
-    int8_path = Path(int8["path"])
-    int8_path.unlink(missing_ok=True)
-    int8["rejected"], int8["path"] = True, None
-    return (f"INT8 mAP {int8['map']:.4f} is {drop:.4f} below the fp32 ONNX mAP {map_fp32:.4f}, more than "
-            f"export.int8_max_map_drop={max_drop}; the INT8 model was deleted ({int8_path}), the verified fp32 "
-            f"model {fp32_path} is kept. Calibrate on more images (export.calib_images), allow a larger drop "
-            "(export.int8_max_map_drop) or export without INT8 (export.int8=false)")
-
-
-# ------------------------------------------------------------------------------------------- INT8
-def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> Path:
-    """Static QDQ INT8 (per-channel weights, uint8 activations for VNNI/AVX2 CPUs) calibrated on ``calib``.
-
-    The final 1x1 convs of the head and everything after them stay float: their output mixes
-    probabilities (0..1) and DFL logits, which one 8-bit scale cannot hold.
-    """
-    import onnx  # optional heavy dependency: only when exporting
-    from onnxruntime.quantization import (  # optional heavy dependency: only for INT8
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"images": calib[i:i + 1]} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # heavy, only for INT8
-
-    root = logging.getLogger()  # onnxruntime.quantization warns through the root logger
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # shape inference + graph optimisation first, as onnxruntime recommends for static quantization
-            pre = Path(tmp) / "pre.onnx"
-            quant_pre_process(str(fp32_path), str(pre))
-            quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=nodes_after(onnx.load(str(pre)), "gfl_cls"))
-    finally:
-        root.setLevel(level)
-    return out_path
-
-
-def nodes_after(model, name_part: str) -> list[str]:
-    """Names of the nodes whose name contains ``name_part`` and of every node downstream of them."""
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(node)
-    todo = [n for n in model.graph.node if name_part in n.name]
-    seen: set[str] = set()
-    while todo:
-        node = todo.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        for out in node.output:
-            todo += consumers.get(out, [])
-    return sorted(seen)
-
-
-def export_int8(onnx_path: Path, meta: dict[str, str], cfg: Config, map_fp32: float, one: np.ndarray,
-                latency: dict) -> dict[str, Any]:
-    calib_det = OnnxDetector(onnx_path)
-    calib, _ = preprocess_batch(calib_det, load_images(evaluation.split_json(cfg, "train"), cfg.export.calib_images, seed=0))
-    int8_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"), calib)
-    write_metadata(int8_path, {**meta, "quantization": "int8 static QDQ, per-channel weights"})
-    det = OnnxDetector(int8_path, threads=torch.get_num_threads())
-    map_int8 = evaluation.evaluate_detector(det, cfg)["mAP"]
-    latency["onnxruntime_int8"] = latency_stats(lambda: det.forward(one))
-    speedup = latency["onnxruntime"]["p50_ms"] / latency["onnxruntime_int8"]["p50_ms"]
-    log.info("int8: mAP %.4f (drop %.4f), %.2fx faster than fp32 onnxruntime", map_int8, map_fp32 - map_int8, speedup)
-    return {"path": str(int8_path), "map": map_int8, "map_drop": map_fp32 - map_int8, "speedup_vs_fp32": speedup,
-            "calib_images": len(calib), "size_bytes": int8_path.stat().st_size}

@@ -49,7 +49,7 @@ def test_predict_folder_boxes_drawing_and_broken_image(tiny, tmp_path):
 
 
 def test_predict_video_with_onnx(tiny, tmp_path):
-    from pipeline.infer.export import ExportModule, build_metadata, export_onnx, write_metadata
+    from pipeline.infer.exporters.onnx_export import ExportModule, build_metadata, export_onnx, write_metadata
 
     cfg, ckpt, prepared, _ = tiny
     det = TorchDetector(ckpt)
