@@ -68,15 +68,38 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> bool:
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
     if device.type == "cuda":
         kwargs["device_id"] = device
-    # torchrun --max-restarts: the restarted workers meet in the same agent store as the failed attempt, whose
-    # keys (e.g. the dead rank's gloo address) are still there; a prefix per attempt keeps them apart
-    from torch.distributed.rendezvous import rendezvous  # needs a torch built with distributed support
-
-    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"nanodet/attempt{attempt}/", store)
+    store, rank, world_size = _worker_store(timeout)
     dist.init_process_group(store=store, rank=rank, world_size=world_size, **kwargs)
     return True
+
+
+AGENT_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+
+
+def _worker_store(timeout: _dt.timedelta) -> tuple[dist.Store, int, int]:
+    """The key-value store the process group meets in, with no key left over from an earlier attempt.
+
+    By default torchrun's c10d rendezvous lends its own store (``TORCHELASTIC_USE_AGENT_STORE=True``), which
+    outlives a restart and keeps the failed attempt's keys (e.g. the dead rank's gloo address); one agent
+    counts its attempts in ``TORCHELASTIC_RESTART_COUNT``, so a prefix per attempt keeps them apart. Across
+    nodes that count differs (a node whose worker failed counts a restart, a healthy node restarted by the
+    new rendezvous round does not), so there the store must be a fresh one per round, which torchrun makes
+    (rank 0 hosts it on a port picked per round) when its agents run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    """
+    from torch.distributed.rendezvous import rendezvous  # needs a torch built with distributed support
+
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if shared and nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise ConfigError(f"torchrun --max-restarts across {nodes} nodes needs {AGENT_STORE_FIX} in the "
+                          "environment of every torchrun agent (the shared rendezvous store keeps a failed attempt's "
+                          "keys and the nodes count restarts differently): export it before torchrun, as "
+                          "scripts/slurm/train.sbatch does")
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    if not shared:
+        return store, rank, world_size  # a fresh store per attempt (or no torchrun agent at all)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"nanodet/attempt{attempt}/", store), rank, world_size
 
 
 def cleanup() -> None:
