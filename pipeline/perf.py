@@ -134,17 +134,41 @@ def run_with_fallback(module: nn.Module, step: Callable[[], T]) -> T:
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """``train.amp`` -> autocast dtype (None = fp32).
 
-    auto: off on CPU, bf16 on CUDA when supported, else fp16 (with a GradScaler)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
+    auto: on CUDA bf16 when the GPU supports it, else fp16 (with a GradScaler); on a CPU bf16 only when it runs
+    bfloat16 natively (AVX512-BF16 or AMX-BF16: :func:`cpu_info`), else fp32 -- emulated bf16 is slower than
+    fp32. The decision is logged once, with its reason."""
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype, reason = _auto_amp(device)
+        _log_auto_amp(device.type, str(dtype).replace("torch.", "") if dtype else "float32", reason)
+        return dtype
+    if mode == "off":
+        return None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device (float16 training relies on a GradScaler); "
                           "use train.amp=bf16 or train.amp=off on CPU")
     if mode == "bf16" and device.type == "cpu":
         check_cpu_bf16()
     return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _auto_amp(device: torch.device) -> tuple[torch.dtype | None, str]:
+    """What ``train.amp=auto`` picks on ``device``, and why (one phrase for the log)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name(device)} supports bfloat16"
+        return torch.float16, f"{torch.cuda.get_device_name(device)} has no bfloat16: float16 with a GradScaler"
+    if device.type == "cpu":
+        info = cpu_info()
+        native = [f for f in ("amx_bf16", "avx512_bf16") if info["flags"][f]]
+        if native:
+            return torch.bfloat16, f"the CPU ({info['model']}) runs bfloat16 natively ({', '.join(native)})"
+        return None, f"the CPU ({info['model']}) has no AVX512-BF16/AMX-BF16: bfloat16 would be emulated (slower)"
+    return None, f"no autocast policy for device type {device.type}"
+
+
+@lru_cache(maxsize=8)
+def _log_auto_amp(device_type: str, dtype: str, reason: str) -> None:
+    log.info("train.amp=auto -> %s on %s: %s", dtype, device_type, reason)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
