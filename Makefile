@@ -1,5 +1,6 @@
 # Two commands: `make run` (the demo pipeline: dvc repro) and `make test` (the whole suite).
-# Each creates .venv when missing or stale (keyed on pyproject.toml) and installs the package with dev extras.
+# Each creates .venv when missing or stale (keyed on pyproject.toml) and installs the package with the dev and
+# deploy (OpenVINO, NCNN, MNN) extras.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,deploy]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,7 +1,10 @@
 """`python -m pipeline.bench {infer,data,assign,train,peak,tta}`: measurements printed as JSON (not a test).
 
-* infer  : latency p50/p90 at batch 1 and throughput at batch N for eager PyTorch, onnxruntime fp32 and
-           onnxruntime INT8 (static QDQ, calibrated on random inputs: speed only), params and FLOPs.
+* infer  : per input size (``--sizes``) and runtime (eager PyTorch, onnxruntime fp32/INT8, OpenVINO fp32/INT8,
+           NCNN, MNN: those installed) batch-1 latency p50/p90 per thread count (``--infer-threads``), throughput
+           at ``--batch``, load time, file size; the official ONNX model's onnxruntime latency in the same run
+           (../shared/anchors/nd_onnx.py, unless ``--no-official`` or not set up) and ratios against it; one JSON
+           (with a markdown table; ``--out`` also writes it to <out>.md) (pipeline.tools.bench).
 * data   : training input pipeline throughput (pipeline.data.loader.bench_data; needs prepared data).
 * assign : batched Dynamic Soft Label Assigner vs the per-image reference (pipeline.model.assigner).
 * train  : timed training steps (model with aux head; synthetic batches or ``--data loader``) split into
@@ -31,7 +34,7 @@ from pipeline.config import ConfigError, compose
 from pipeline.data.loader import bench_data
 from pipeline.errors import UserError
 from pipeline.model.assigner import bench_assign
-from pipeline.tools.bench import bench_infer, machine
+from pipeline.tools.bench import OfficialOnnx, bench_infer, machine
 from pipeline.tools.bench_train import bench_peak, bench_train
 from pipeline.tools.tta import Official, bench_tta
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["infer", "data", "assign", "train", "peak", "tta"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. experiment=nanodet_plus_m_320")
-    parser.add_argument("--batch", type=int, default=16, help="infer: throughput batch; assign: batch")
+    parser.add_argument("--batch", type=int, default=None, help="infer: throughput batch (8); assign: batch (16)")
     parser.add_argument("--train-batches", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--num-gt", type=int, nargs="*", default=[0, 1, 10, 50, 100],
                         help="assign: ground-truth boxes per image, one measurement each")
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-python", type=Path, default=REF / "venv" / "bin" / "python")
     parser.add_argument("--nanodet-src", type=Path, default=Path(os.environ.get("NANODET_SRC", REF / "src")))
     parser.add_argument("--anchors", type=Path, default=Path("../shared/anchors"))
+    parser.add_argument("--sizes", type=int, nargs="*", default=[320, 416], help="infer: square input sizes")
+    parser.add_argument("--infer-threads", type=int, nargs="*", default=[1, 2], help="infer: thread counts")
+    parser.add_argument("--no-official", action="store_true", help="infer: skip the official ONNX model")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -85,13 +91,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.what == "infer":
-        result = bench_infer(cfg, args.batch, args.iters, not args.no_int8, threads)
+        official = None if args.no_official else OfficialOnnx(args.official_python, args.nanodet_src, args.anchors)
+        result = bench_infer(list(args.set), args.batch or 8, args.iters, not args.no_int8, args.infer_threads,
+                             args.sizes, official)
     elif args.what == "data":
         result = bench_data(cfg)
     elif args.what == "assign":
         w, h = cfg.data.input_size
         result = {"machine": machine(threads), "by_num_gt": [
-            bench_assign(batch=args.batch, num_gt=num_gt, input_hw=(int(h), int(w)),
+            bench_assign(batch=args.batch or 16, num_gt=num_gt, input_hw=(int(h), int(w)),
                          strides=tuple(cfg.model.head.strides), num_classes=int(cfg.model.num_classes),
                          device=args.device)
             for num_gt in args.num_gt]}
@@ -110,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        if args.what == "infer":
+            args.out.with_suffix(".md").write_text(result["markdown"] + "\n")
     return 0
 
 

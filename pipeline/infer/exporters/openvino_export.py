@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.infer.exporters.common import ExportError, publish, require, staging
-from pipeline.infer.runtime.deploy_backends import RT_INFO_SECTION
+from pipeline.infer.runtime.deploy_backends import RT_INFO_SECTION, stdout_to_stderr
 
 
 def ir_files(xml: Path) -> list[Path]:
@@ -47,8 +47,9 @@ def quantize_openvino(fp32_xml: Path, dest_xml: Path, calib: Sequence[np.ndarray
     logging.getLogger("nncf").setLevel(logging.ERROR)  # per-node chatter about skipped quantizers
     model = ov.Core().read_model(str(fp32_xml))
     try:
-        quantized = nncf.quantize(model, nncf.Dataset(list(calib)), subset_size=len(calib),
-                                  ignored_scope=nncf.IgnoredScope(patterns=[".*gfl_cls.*"], validate=False))
+        with stdout_to_stderr():  # NNCF's progress bars: stdout stays clean for JSON (pipeline.bench)
+            quantized = nncf.quantize(model, nncf.Dataset(list(calib)), subset_size=len(calib),
+                                      ignored_scope=nncf.IgnoredScope(patterns=[".*gfl_cls.*"], validate=False))
     except Exception as err:  # noqa: BLE001 -- NNCF raises untyped errors
         raise ExportError(f"NNCF INT8 quantization of {fp32_xml} failed: {str(err).strip()[:400]}; export without "
                           "INT8 (export.int8=false) or without openvino") from None

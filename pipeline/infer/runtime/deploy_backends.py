@@ -69,7 +69,8 @@ class OpenVinoDetector(ExportedDetector):
             raise _load_error(self.fmt, path, err) from None
         meta = {}
         if model.has_rt_info([RT_INFO_SECTION]):
-            meta = {str(k): str(v) for k, v in model.get_rt_info([RT_INFO_SECTION]).astype(dict).items()}
+            keys = model.get_rt_info([RT_INFO_SECTION]).astype(dict)
+            meta = {str(k): model.get_rt_info([RT_INFO_SECTION, k]).astype(str) for k in keys}
         self._init_metadata(path, meta, input_size)
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
         if threads:
