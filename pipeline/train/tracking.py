@@ -1,4 +1,5 @@
-"""Experiment tracking at the edge of training: W&B (rank 0 only) and DVC metric/plot files.
+"""Experiment tracking at the edge of training: W&B (rank 0 only, in the group :func:`run_group` names)
+and DVC metric/plot files.
 
 W&B mode (``tracking.mode``): ``online`` | ``offline`` | ``disabled`` | ``auto``. ``auto`` follows
 ``WANDB_MODE`` when set, else is online only when an API key is configured (``WANDB_API_KEY`` or a
@@ -19,7 +20,7 @@ import json
 import math
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,12 +250,26 @@ def build_tracker(cfg: Config, run_id: str | None = None, rank: int = 0) -> Trac
     return WandbTracker(run, mode)
 
 
+def run_group(group: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The W&B group of a training run: the same string on every rank and every node of one job.
+
+    ``group`` (``tracking.group``) when set: a sweep passes its name, so all its trials share one group.
+    Else, under torchrun, ``torchrun-<TORCHELASTIC_RUN_ID>``: the ``--rdzv-id`` every agent of the job was
+    given (``$SLURM_JOB_ID`` in scripts/slurm/train.sbatch; a fresh id per ``--standalone`` launch), which
+    also survives ``--max-restarts``. Else None: a single process is a run of its own.
+    """
+    if group:
+        return group
+    rid = (os.environ if environ is None else environ).get("TORCHELASTIC_RUN_ID", "")
+    return f"torchrun-{rid}" if rid and rid != "none" else None
+
+
 def _init(cfg: Config, mode: str, run_id: str | None, root: Path) -> Any:
     import wandb  # wandb is heavy (~1 s): imported only when tracking is on
 
     t = cfg.tracking
     settings = wandb.Settings(init_timeout=float(t.init_timeout_s), console="off", silent=True)
-    return wandb.init(project=t.project, entity=t.entity, group=t.group, name=t.name, dir=str(root),
+    return wandb.init(project=t.project, entity=t.entity, group=run_group(t.group), name=t.name, dir=str(root),
                       mode=mode, id=run_id, resume="allow" if run_id else None, config=to_dict(cfg),
                       job_type="train", settings=settings, reinit="create_new")
 

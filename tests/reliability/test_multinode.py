@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from relkit import free_port, tiny_overrides
-from testkit import PYTHON, subprocess_env
+from testkit import PYTHON, subprocess_env, wandb_history
 
 from pipeline import dist as pdist
 from pipeline.config import ConfigError
 from pipeline.faults import KILL_RANK_ENV, KILL_STEP_ENV, ONCE_ENV
 from pipeline.model.checkpoint import load_checkpoint
+from pipeline.train.tracking import run_group
 
 EPOCHS = 2
 DDP_STEPS = 4  # 16 images / (2 ranks x batch 4) = 2 steps per epoch
@@ -64,10 +65,13 @@ def _launch(work: Path, agents: list[list[str]], overrides: list[str], env: dict
     return [(p.returncode, (work / f"agent{i}.log").read_text()) for i, p in enumerate(procs)]
 
 
-def _two_nodes(work: Path, name: str, data: Path, env: dict[str, str], extra: list[str] = ()) -> list[tuple[int, str]]:
-    port, rdzv_id = free_port(), f"{name}-{time.monotonic_ns()}"
+def _two_nodes(work: Path, name: str, data: Path, env: dict[str, str], extra: list[str] = (),
+               tracking: list[str] = (), rdzv_id: str | None = None) -> list[tuple[int, str]]:
+    port, rdzv_id = free_port(), rdzv_id or f"{name}-{time.monotonic_ns()}"
     agents = [_torchrun_args(2, 1, port, rdzv_id, [f"--node-rank={r}", *extra]) for r in (0, 1)]
     overrides = tiny_overrides(data, work / name, f"train.epochs={EPOCHS}", f"train.dist_timeout_s={DIST_TIMEOUT_S}")
+    if tracking:
+        overrides = [o for o in overrides if not o.startswith("tracking.mode=")] + list(tracking)
     return _launch(work, agents, overrides, env)
 
 
@@ -93,14 +97,24 @@ def _assert_close_states(a: dict, b: dict) -> int:
 
 
 @pytest.mark.slow
-def test_two_agents_equal_one_agent_with_two_processes_and_share_one_run_dir(work):
-    results = _two_nodes(work, "two_nodes", work / "data", subprocess_env())
+def test_two_agents_equal_one_agent_with_two_processes_and_share_one_run_dir_and_wandb_group(work):
+    rdzv_id = f"job{time.monotonic_ns()}"
+    wb = work / "wb"
+    results = _two_nodes(work, "two_nodes", work / "data", subprocess_env(WANDB_MODE="offline"),
+                         tracking=["tracking.mode=offline", f"tracking.dir={wb}"], rdzv_id=rdzv_id)
     for code, output in results:
         assert code == 0, output[-4000:]
     # one Hydra run dir for both agents: outputs/train/<TORCHELASTIC_RUN_ID>, holding each rank's log
     run_dirs = list((work / "outputs" / "train").iterdir())
-    assert len(run_dirs) == 1, run_dirs
+    assert [p.name for p in run_dirs] == [rdzv_id]
     assert sorted(p.name for p in run_dirs[0].glob("train_rank*.log")) == ["train_rank0.log", "train_rank1.log"]
+    # W&B: one offline run (rank 0 only) in the job's group, with every step's loss
+    runs = list((wb / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    run_file = next(runs[0].glob("run-*.wandb"))
+    assert run_group(None, {"TORCHELASTIC_RUN_ID": rdzv_id}).encode() in run_file.read_bytes()
+    assert sorted(s for s, row in wandb_history(run_file).items() if "train/loss" in row) == list(range(1, DDP_STEPS + 1))
+    assert load_checkpoint(work / "two_nodes" / "last.pt")["tracking_run_id"] in runs[0].name
 
     port, rdzv_id = free_port(), f"one-node-{time.monotonic_ns()}"
     overrides = tiny_overrides(work / "data", work / "one_node", f"train.epochs={EPOCHS}",
@@ -154,3 +168,13 @@ def test_restarts_across_nodes_on_the_shared_agent_store_are_refused_with_the_fi
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of every"):
         pdist._worker_store(datetime.timedelta(seconds=1))
+
+
+def test_wandb_group_is_the_same_on_every_rank_and_node_of_a_job():
+    """run_group: tracking.group wins (a sweep's name); else the torchrun job id every agent shares (not the
+    rank, node or restart); a single process has no group."""
+    job = {"TORCHELASTIC_RUN_ID": "4242", "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "0", "GROUP_RANK": "0"}
+    other = {**job, "RANK": "7", "GROUP_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert run_group(None, job) == run_group(None, other) == "torchrun-4242"
+    assert run_group("sweep-head_widths", job) == "sweep-head_widths"
+    assert run_group(None, {}) is None and run_group(None, {"TORCHELASTIC_RUN_ID": "none"}) is None
