@@ -6,7 +6,8 @@ Options (``key=value``, everything else is a config override passed to :func:`pi
   resume=auto|true|false auto: continue the experiment in DIR when there is one; true: it must exist;
                          false: refuse to touch an existing one                    auto
   experiment_dir=DIR     where best_<sweep>.yaml is written                          conf/experiment
-  ray_address=ADDR       auto | ray://host:port: join a running cluster (paths must be shared); default: a
+  ray_address=ADDR       auto | host:port | ray://host:port: join a running cluster (paths must be shared;
+                         a 127.0.0.1/localhost address keeps this driver on loopback too); default: a
                          local Ray with this machine's CPUs/GPUs, bound to 127.0.0.1 only
   ray_tmp=DIR            Ray's session folder (logs, sockets); default a temporary folder removed at the end
 
@@ -115,10 +116,18 @@ def absolute_paths(overrides: list[str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- driver
+def loopback(address: str | None) -> bool:
+    """True for no address (a local Ray) and for a cluster address on 127.0.0.0/8 or localhost."""
+    if address is None:
+        return True
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def ray_environment(args: Args) -> None:
     """Environment Ray reads when it is first imported: call before any ``import ray``."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray accepts exactly 0 or 1
-    if args.ray_address is None:
+    if loopback(args.ray_address):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node address 127.0.0.1: nothing binds elsewhere
 
 
@@ -128,7 +137,10 @@ def init_ray(args: Args, tmp_dir: Path) -> None:
     import ray  # optional heavy dependency, only for a sweep
 
     if args.ray_address:
-        ray.init(address=args.ray_address, configure_logging=False, log_to_driver=True)
+        # on a loopback cluster the driver's own services must find (and bind) the nodes' 127.0.0.1
+        client = args.ray_address.startswith("ray://")  # Ray Client: this process starts no Ray services
+        local = {"_node_ip_address": "127.0.0.1"} if loopback(args.ray_address) and not client else {}
+        ray.init(address=args.ray_address, configure_logging=False, log_to_driver=True, **local)
         return
     ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", _temp_dir=str(tmp_dir), configure_logging=False)

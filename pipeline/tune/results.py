@@ -4,7 +4,8 @@ Each row is one trial: its sampled (and tied/derived) values as the trial actual
 from the config stored in the trial's own checkpoint, so a value that never reached training is not
 reported as trained; a disagreement with what Tune sampled is named in the error column), the best
 validation metric and the AP50 of that same epoch, how it ended (finished, stopped early by ASHA, error),
-how often it was retried, and the model's size and cost (parameters, FLOPs at the trained input size,
+how often it was retried, the Ray node it ran on (node ip and id of its last attempt; results.csv also
+lists every attempt's node), and the model's size and cost (parameters, FLOPs at the trained input size,
 eager CPU latency at batch 1). Size and cost are measured here in the driver from the trained config,
 one model at a time, so concurrent trials never skew the latency numbers.
 """
@@ -29,7 +30,7 @@ from pipeline.model.checkpoint import CheckpointError, load_checkpoint
 from pipeline.model.summary import summarize
 from pipeline.perf import time_calls
 from pipeline.tune.space import SweepError, expand_sample, format_value, sample_overrides
-from pipeline.tune.trial import TIME_ATTR
+from pipeline.tune.trial import TIME_ATTR, trial_dirname
 
 log = get_logger(__name__)
 
@@ -52,6 +53,7 @@ class TrialRow:
     flops: int | None = None
     latency_ms: float | None = None
     trial_dir: str = ""
+    nodes: list[dict] = field(default_factory=list)  # per attempt: node_id, node_ip, hostname, pid (trial.json)
 
 
 # ------------------------------------------------------------------------------------- model cost
@@ -200,15 +202,17 @@ def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> 
     and the config stored in its checkpoint: the values reported are the ones the trial trained)."""
     from ray.tune import ExperimentAnalysis  # ray is optional and heavy: imported only when a sweep runs
 
-    state = {t.trial_id: t for t in ExperimentAnalysis(str(exp_dir)).trials}
+    # by folder name: trial_<id>, or with Tune's suffix when a restore found that folder already there
+    state = {getattr(t, "relative_logdir", None) or trial_dirname(t): t for t in ExperimentAnalysis(str(exp_dir)).trials}
     rows, configs = [], {}
     for result in grid:
         trial_dir = Path(result.path)
-        trial_id = trial_dir.name.removeprefix("trial_")
+        trial = state.get(trial_dir.name)
+        trial_id = trial.trial_id if trial else trial_dir.name.removeprefix("trial_")
         scored = [r for r in _read_json_lines(trial_dir / "result.json") if r.get(sweep.metric) is not None]
         record = trial_dir / "trial.json"
-        attempts = json.loads(record.read_text()).get("attempts", 1) if record.exists() else 0
-        trial = state.get(trial_id)
+        info = json.loads(record.read_text()) if record.exists() else {}
+        attempts = info.get("attempts", 1) if info else 0
         trained, source = trained_config(trial_dir / "train")
         values, differ = trained_values(expand_sample(sweep, result.config), trained)
         error = _error_line(result.error)
@@ -218,7 +222,8 @@ def collect_rows(sweep: Any, grid: Any, exp_dir: Path, overrides: list[str]) -> 
             error = "; ".join([*([error] if error else []), f"trained {', '.join(differ)} ({source.name})"])
         row = TrialRow(trial_id=trial_id, status="", values=values,
                        epochs=len({r.get(TIME_ATTR) for r in scored}), restarts=max(attempts - 1, 0),
-                       failures=trial.num_failures if trial else 0, error=error, trial_dir=str(trial_dir))
+                       failures=trial.num_failures if trial else 0, error=error, trial_dir=str(trial_dir),
+                       nodes=info.get("nodes", []))
         if scored:
             best = (max if sweep.mode == "max" else min)(scored, key=lambda r: r[sweep.metric])
             row.metrics = {k: best[k] for k in (sweep.metric, "mAP", "AP50") if k in best}
@@ -252,7 +257,11 @@ def _columns(rows: list[TrialRow], metric: str) -> list[str]:
     metric_keys = list(dict.fromkeys([metric, "mAP", "AP50"]))
     counts = ["best_epoch", "epochs", "failures", "restarts"]
     return (["rank", "trial_id", "status"] + metric_keys + counts + value_keys
-            + ["params", "gflops", "cpu_latency_ms", "error", "trial_dir"])
+            + ["params", "gflops", "cpu_latency_ms", "node_ip", "node_id", "error", "attempt_nodes", "trial_dir"])
+
+
+CSV_ONLY = ("attempt_nodes", "trial_dir")  # long cells: results.csv only
+SHORT_ID = 8  # results.md shows node ids by their first hex digits (results.csv in full)
 
 
 def _cells(row: TrialRow, rank: int, columns: list[str]) -> dict[str, Any]:
@@ -260,7 +269,10 @@ def _cells(row: TrialRow, rank: int, columns: list[str]) -> dict[str, Any]:
         "rank": rank, "trial_id": row.trial_id, "status": row.status, "best_epoch": row.best_epoch,
         "epochs": row.epochs, "failures": row.failures, "restarts": row.restarts, "params": row.params,
         "gflops": None if row.flops is None else row.flops / 1e9,
-        "cpu_latency_ms": row.latency_ms, "error": row.error, "trial_dir": row.trial_dir}
+        "cpu_latency_ms": row.latency_ms, "error": row.error, "trial_dir": row.trial_dir,
+        "node_ip": row.nodes[-1].get("node_ip") if row.nodes else None,
+        "node_id": row.nodes[-1].get("node_id") if row.nodes else None,
+        "attempt_nodes": " ".join(n.get("node_id", "?") for n in row.nodes) or None}
     cells.update({k: v for k, v in row.metrics.items() if k in columns})
     cells.update({k: format_value(v) for k, v in row.values.items()})
     return cells
@@ -285,10 +297,11 @@ def write_results(out_dir: Path, rows: list[TrialRow], metric: str, mode: str, h
         for rank, row in enumerate(rows, 1):
             cells = _cells(row, rank, columns)
             writer.writerow({c: ("" if cells.get(c) is None else cells.get(c)) for c in columns})
-    shown = [c for c in columns if c != "trial_dir"]
+    shown = [c for c in columns if c not in CSV_ONLY]
     lines = [*header, "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for rank, row in enumerate(rows, 1):
         cells = _cells(row, rank, columns)
+        cells["node_id"] = cells["node_id"] and cells["node_id"][:SHORT_ID]
         text = (_fmt(cells.get(c)).replace("|", "\\|").replace("\n", " ") for c in shown)
         lines.append("| " + " | ".join(text) + " |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,7 +1,8 @@
 """One Ray Tune trial: the function trainable that runs :func:`pipeline.train.train` and reports to Tune.
 
 A trial's folder is ``<experiment>/trial_<id>/``: ``train/`` is ``train.out_dir`` (last.pt, best.pt,
-metrics.json, plots), ``trial.json`` counts the attempts and holds the overrides, Ray adds its own
+metrics.json, plots), ``trial.json`` counts the attempts, holds the overrides and, per attempt, the Ray
+node it ran on (``nodes``: node id, node ip, hostname, pid; on a cluster the results table shows it), Ray adds its own
 ``result.json``/``progress.csv`` and ``checkpoint_*``. Every validation is reported with last.pt and best.pt
 as Tune checkpoint; a (re)started trial always continues from its last *reported* checkpoint.
 
@@ -15,12 +16,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import compose
+from pipeline.io import atomic_write
+from pipeline.logging import get_logger
 from pipeline.train import train
 from pipeline.tune.space import SweepError, format_value, sample_overrides
 
@@ -28,6 +32,8 @@ from pipeline.tune.space import SweepError, format_value, sample_overrides
 # sends SIGINT to the driver once per sweep (as Ctrl-C would).
 INJECT_ENV = "NANODET_TUNE_INJECT_FAILURE"
 TIME_ATTR = "epochs_done"  # ASHA's clock: validations completed (val_interval is 1 in trials)
+
+log = get_logger(__name__)
 
 
 class InjectedFailure(RuntimeError):
@@ -134,16 +140,23 @@ def run_trial(params: dict, plan: dict) -> None:
     """The Ray Tune function trainable: one call of pipeline.train.train (or a TorchTrainer around it)."""
     from ray import tune  # ray is optional and heavy: imported only when a sweep runs
 
-    trial_id = tune.get_context().get_trial_id()
-    # The trial's folder in the experiment (not Ray's per-session working copy): it survives restores.
-    trial_dir = Path(plan["exp_dir"]) / trial_dirname(trial_id)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    # The trial's folder in the experiment (not Ray's per-session working copy, whose name it shares): it
+    # survives restores. Usually trial_<id>; Tune adds a suffix when that folder exists but its saved state
+    # does not know it (a driver killed after the trial started but before Tune saved that it had).
+    trial_dir = Path(plan["exp_dir"]) / Path(context.get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
     record = trial_dir / "trial.json"
     info = json.loads(record.read_text()) if record.exists() else {"attempts": 0}
     info["attempts"] += 1
     overrides = trial_overrides(plan, params, trial_dir, trial_id)
     info["overrides"] = overrides
-    record.write_text(json.dumps(info, indent=1))
+    node = node_info()
+    info.setdefault("nodes", []).append(node)
+    atomic_write(record, json.dumps(info, indent=1))
+    log.info("trial %s attempt %d on node %s (%s, %s)", trial_id, info["attempts"], node["node_id"],
+             node["node_ip"], node["hostname"])
     out_dir = trial_dir / "train"
     _restore_from_checkpoint(out_dir)
     cfg = compose(overrides)
@@ -153,6 +166,14 @@ def run_trial(params: dict, plan: dict) -> None:
     else:
         train(cfg, report=lambda epoch, metrics: reporter(epoch, metrics, snapshot(out_dir)))
     reporter.flush()
+
+
+def node_info() -> dict[str, Any]:
+    """Where this process runs in the Ray cluster: node id, node ip, hostname and pid."""
+    import ray  # ray is optional and heavy: imported only when a sweep runs
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid()}
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -169,29 +190,39 @@ def _train_worker(loop_config: dict) -> None:
     train(cfg, report=report)
 
 
+def torch_trainer(loop: Any, loop_config: dict, workers: int, resources: dict, timeout_s: float,
+                  storage: Path) -> Any:
+    """The Ray Train TorchTrainer of a multi-worker trial: ``workers`` DDP workers of ``resources`` each
+    ({cpu, gpu}), gloo on CPU / NCCL on GPU with ``timeout_s`` on collectives, Ray Train's own files under
+    ``storage/ray_train``; no retries inside (Tune retries the whole trial, from its checkpoint)."""
+    import ray.train  # ray is optional and heavy: imported only when a sweep runs
+    from ray.train.torch import (  # ray is optional and heavy: imported only when a sweep runs
+        TorchConfig,
+        TorchTrainer,
+    )
+
+    gpu = resources["gpu"]
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
+                                               resources_per_worker={"CPU": resources["cpu"], "GPU": gpu}),
+        torch_config=TorchConfig(backend="nccl" if gpu > 0 else "gloo", timeout_s=int(timeout_s)),
+        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=0)))
+
+
 def _train_with_workers(overrides: list[str], plan: dict, reporter: _Reporter) -> None:
     """Run a TorchTrainer in a thread and forward rank 0's reports to Tune from this (the trial's) thread.
 
     Train v2's own ``ray.train.report`` is a barrier over all workers, but pipeline.train reports on
     rank 0 only, so reports travel through a Ray queue instead.
     """
-    import ray.train  # ray is optional and heavy: imported only when a sweep runs
-    from ray.train.torch import (  # ray is optional and heavy: imported only when a sweep runs
-        TorchConfig,
-        TorchTrainer,
-    )
     from ray.util.queue import Empty, Queue  # ray is optional and heavy: imported only when a sweep runs
 
     cfg = compose(overrides)
-    gpu = plan["resources"]["gpu"]
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": "DEFAULT"})  # outside the trial's bundle
-    trainer = TorchTrainer(
-        _train_worker, train_loop_config={"overrides": overrides, "queue": queue},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=gpu > 0,
-                                               resources_per_worker={"CPU": plan["resources"]["cpu"], "GPU": gpu}),
-        torch_config=TorchConfig(backend="nccl" if gpu > 0 else "gloo", timeout_s=cfg.train.dist_timeout_s),
-        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(Path(cfg.train.out_dir).parent),
-                                       failure_config=ray.train.FailureConfig(max_failures=0)))
+    trainer = torch_trainer(_train_worker, {"overrides": overrides, "queue": queue}, plan["workers_per_trial"],
+                            plan["resources"], cfg.train.dist_timeout_s, Path(cfg.train.out_dir).parent)
     outcome: dict[str, BaseException] = {}
 
     def fit() -> None:

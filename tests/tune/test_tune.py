@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tunekit import REPO, TINY, check_ok, read_table, reported_epochs, run_cli, write_sweep
 
 from pipeline.config import CONF_DIR, compose, to_dict
 from pipeline.tune import driver as tune_cli
@@ -40,17 +41,6 @@ from pipeline.tune.space import (
     validate_space,
 )
 from pipeline.tune.trial import trial_overrides
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.head.strides=[8,16,32]", "data.input_size=[64,64]", "data.builtin.num_train=16",
-        "data.builtin.num_val=8", "data.builtin.image_size=[64,64]", "data.batch_size=4",
-        "data.eval_batch_size=8", "data.num_workers=0", "train.warmup_steps=2", "tracking.mode=disabled"]
-
-
-def write_sweep(folder: Path, body: str, name: str = "s") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(textwrap.dedent(body))
-    return path
 
 
 # ------------------------------------------------------------------------------------ fast tests
@@ -228,6 +218,28 @@ def test_results_are_sorted_best_first(tmp_path):
     assert [r.trial_id for r in write_results(tmp_path, rows, "mAP", "min", [])] == ["a", "c", "b"]
 
 
+def test_results_name_the_node_of_every_attempt(tmp_path):
+    """results.csv: node ip and id of the last attempt, and every attempt's node in order; results.md: the
+    ip and a short id (the per-attempt list only in the csv)."""
+    a, b = "a" * 56, "b" * 56
+    rows = [TrialRow("t1", "finished", {}, {"mAP": 0.2}, failures=1, restarts=1,
+                     nodes=[{"node_id": b, "node_ip": "127.0.0.1"}, {"node_id": a, "node_ip": "127.0.0.1"}]),
+            TrialRow("t2", "error", {})]
+    write_results(tmp_path, rows, "mAP", "max", [])
+    table = read_table(tmp_path)
+    assert (table["t1"]["node_ip"], table["t1"]["node_id"], table["t1"]["attempt_nodes"]) == ("127.0.0.1", a, f"{b} {a}")
+    assert table["t2"]["node_id"] == table["t2"]["attempt_nodes"] == ""
+    md = (tmp_path / "results.md").read_text()
+    assert f"| 127.0.0.1 | {a[:8]} |" in md and b not in md and "attempt_nodes" not in md
+
+
+@pytest.mark.parametrize("address, expected", [
+    (None, True), ("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True),
+    ("auto", False), ("10.0.0.5:6379", False), ("ray://head.example:10001", False)])
+def test_loopback_cluster_addresses_keep_the_driver_on_loopback(address, expected):
+    assert tune_cli.loopback(address) is expected
+
+
 def test_rows_report_what_the_trial_checkpoint_trained(tmp_path):
     """A row's values come from the config in the trial's own checkpoint (best.pt, else last.pt, else the
     config.yaml training wrote), and a value that differs from Tune's sample is named."""
@@ -273,29 +285,6 @@ def test_status_reads_trainings_own_stop_from_details_json(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tune_data") / "prepared"  # generated once by the first sweep
-
-
-def run_cli(args: list[str], inject: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop(tune_cli.INJECT_ENV, None)
-    if inject:
-        env[tune_cli.INJECT_ENV] = inject
-    return subprocess.run([sys.executable, "-m", "pipeline.tune", *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_table(out: Path) -> dict[str, dict]:
-    with open(out / "results.csv") as fh:
-        return {row["trial_id"]: row for row in csv.DictReader(fh)}
-
-
-def reported_epochs(row: dict) -> list[int]:
-    lines = (Path(row["trial_dir"]) / "result.json").read_text().splitlines()
-    return [json.loads(line)["epochs_done"] for line in lines if line.strip()]
-
-
-def check_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
-    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def read_md_table(out: Path) -> dict[str, dict]:
