@@ -151,7 +151,7 @@ def test_sweep_runs_on_both_nodes_and_a_killed_driver_resumes(cluster, tmp_path)
         max_failures: 1
         base_overrides: [experiment=demo, train.epochs=2]
         space:
-          model.head.reg_max: {grid: [4, 5, 6, 7]}
+          model.head.reg_max: {grid: [4, 5, 6]}
           model.head.strides: {choice: [[8, 16, 32]]}
     """)
     out = tmp_path / "out"
@@ -176,7 +176,7 @@ def test_sweep_runs_on_both_nodes_and_a_killed_driver_resumes(cluster, tmp_path)
             first.wait()
     saved = saved_statuses(exp_dir)
     done_before = {f"trial_{t}" for t, status in saved.items() if status == "TERMINATED"}
-    assert done_before and len(done_before) < 4, saved
+    assert done_before and len(done_before) < 3, saved
     assert not (out / "results.csv").exists()
     attempts_before = {d.name: trial_record(d).get("attempts") for d in trial_dirs(exp_dir)}
     epochs_before = {name: reported_epochs(exp_dir / name) for name in done_before}
@@ -187,7 +187,7 @@ def test_sweep_runs_on_both_nodes_and_a_killed_driver_resumes(cluster, tmp_path)
     assert "continuing sweep cluster" in text
 
     table = read_table(out)
-    assert len(table) == 4 and all(r["status"] == "finished" for r in table.values()), table
+    assert len(table) == 3 and all(r["status"] == "finished" for r in table.values()), table
     names = cluster.names()
     ran_on = {}
     for row in table.values():
