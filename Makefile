@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS = 1
 export RAY_USAGE_STATS_ENABLED = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: run test test-demo lint bench clean-venv
+.PHONY: run test test-demo lint bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@if [ -d $(VENV) ] && [ ! -x $(PY) ]; then rm -rf $(VENV); fi
@@ -36,6 +36,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pipeline.bench infer
+
+# NCCL, AMP bf16/fp16 steps, SyncBatchNorm, validation, ONNX parity: one JSON (exit 3: no CUDA device;
+# every GPU of this machine through torchrun when it has several; GPU_CHECK_ARGS="--device cpu": the CPU dry run)
+gpu-check: $(STAMP)
+	@n=$$($(PY) -c 'import torch; print(torch.cuda.device_count())'); \
+	if [ "$$n" -gt 1 ]; then $(PY) -m torch.distributed.run --standalone --nproc-per-node=$$n -m pipeline.tools.gpu_check $(GPU_CHECK_ARGS); \
+	else $(PY) -m pipeline.tools.gpu_check $(GPU_CHECK_ARGS); fi
 
 clean-venv:
 	rm -rf $(VENV)
