@@ -5,8 +5,9 @@ On a CUDA machine, in this order (rank 0 prints one JSON object on stdout):
 1. process group: NCCL, one process (or every torchrun rank), checked with an all-reduce;
 2. a few training steps per AMP mode - bf16 (when the GPU supports it) and fp16 with the GradScaler - through
    THE training step (:class:`pipeline.train.step.TrainStep`), the model converted to SyncBatchNorm and wrapped
-   in DistributedDataParallel; images/s (after one warm-up step) and the peak memory of each mode;
-3. one validation of the fp16-trained model through THE evaluation
+   in DistributedDataParallel; images/s (all ranks, after one warm-up step) and the peak memory
+   (``torch.cuda.max_memory_allocated`` on this rank, reset at the start of each mode) of each mode;
+3. one validation of the model the last AMP mode trained, through THE evaluation
    (:func:`pipeline.infer.evaluate.evaluate_detector`) on a small generated data set;
 4. the export stage's ONNX export and verification (:func:`pipeline.infer.export.export_model`: parity with
    PyTorch, mAP) of that model.
@@ -216,8 +217,6 @@ def run_check(device_kind: str, steps: int, overrides: list[str], work: Path) ->
     if pdist.is_main():
         report["export_onnx"] = export_parity(model, all_overrides, work)
     pdist.barrier()
-    if device.type == "cuda":
-        report["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return report
 
 
