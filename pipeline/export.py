@@ -1,5 +1,6 @@
-"""``python -m pipeline.export``: the export stage - ONNX export of the trained model, verified against
-PyTorch and on the validation split, optionally INT8 (:func:`pipeline.infer.export.export_model`)."""
+"""``python -m pipeline.export``: the export stage - ONNX export of the trained model and, with
+``export.formats=[onnx,openvino,ncnn,mnn]``, OpenVINO, NCNN and MNN models, each verified against PyTorch and
+on the validation split, optionally INT8 (:func:`pipeline.infer.export.export_model`)."""
 from __future__ import annotations
 
 from pipeline.cli import hydra_entry

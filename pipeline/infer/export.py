@@ -130,6 +130,7 @@ def export_model(cfg: Config) -> dict[str, Any]:
     out_dir = Path(e.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_dir)
+    (out_dir / DEPLOY_DIR).mkdir(exist_ok=True)  # a DVC output of the stage, empty unless export.formats asks
     torch_det = TorchDetector(e.checkpoint, device="cpu", input_size=cfg.data.input_size)
     pre = torch_det.preprocessing
     module = ExportModule(torch_det.model, pre.input_hw, e.decode_in_graph)
