@@ -76,7 +76,7 @@ def test_train_dry_run_prints_one_torchrun_agent_per_node(slurm_env):
     out = _run("train.sbatch", slurm_env, "experiment=nanodet_plus_m_416", "data.root=/shared/my coco")
     assert out.returncode == 0, out.stderr
     assert _commands(out.stdout) == [[
-        "srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "srun", "--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1",
         "python", "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=4",
         "--rdzv-backend=c10d", "--rdzv-endpoint=gpu01:29500", "--rdzv-id=4242", "--max-restarts=0",
         "-m", "pipeline.train", "experiment=nanodet_plus_m_416", "data.root=/shared/my coco"]]
@@ -85,7 +85,7 @@ def test_train_dry_run_prints_one_torchrun_agent_per_node(slurm_env):
 def test_train_variables_and_the_real_launch(slurm_env, tmp_path):
     """NPROC_PER_NODE / RDZV_PORT / MAX_RESTARTS / PYTHON win; without DRY_RUN srun really runs, with the
     fresh-store-per-restart variable exported (pipeline.dist refuses multi-node restarts without it)."""
-    del slurm_env["SLURM_GPUS_ON_NODE"], slurm_env["DRY_RUN"]
+    del slurm_env["SLURM_GPUS_ON_NODE"], slurm_env["DRY_RUN"], slurm_env["SLURM_CPUS_PER_TASK"]
     slurm_env.update(NPROC_PER_NODE="2", RDZV_PORT="29611", MAX_RESTARTS="3", PYTHON="/opt/env/bin/python")
     out = _run("train.sbatch", slurm_env, "train.epochs=5")
     assert out.returncode == 0, out.stderr
@@ -102,11 +102,11 @@ def test_tune_dry_run_prints_head_workers_and_the_driver(slurm_env):
     assert out.returncode == 0, out.stderr
     address = f"{HEAD_IP}:6379"
     assert _commands(out.stdout) == [
-        ["srun", "--nodes=1", "--ntasks=1", "-w", "gpu01", "ray", "start", "--head", "--block",
+        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=16", "-w", "gpu01", "ray", "start", "--head", "--block",
          f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=16", "--num-gpus=4", "--include-dashboard=false"],
-        ["srun", "--nodes=1", "--ntasks=1", "-w", "gpu02", "ray", "start", "--block", f"--address={address}",
+        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=16", "-w", "gpu02", "ray", "start", "--block", f"--address={address}",
          "--num-cpus=16", "--num-gpus=4"],
-        ["srun", "--nodes=1", "--ntasks=1", "-w", "gpu03", "ray", "start", "--block", f"--address={address}",
+        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=16", "-w", "gpu03", "ray", "start", "--block", f"--address={address}",
          "--num-cpus=16", "--num-gpus=4"],
         ["python", "-m", "pipeline.tune", f"ray_address={address}", "sweep=head_widths", "out=/shared/tune/head_widths"],
     ]
