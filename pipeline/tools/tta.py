@@ -12,6 +12,7 @@ COCO loader), threads and seeds. Output: one JSON (``tta.json``) and one plot (`
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -129,7 +130,7 @@ def run_ours(overrides: list[str], seed: int, out_dir: Path, prepared: Path, thr
     cmd = [sys.executable, "-m", "pipeline.train", *our_overrides(overrides, seed, out_dir, prepared)]
     seen: dict[int, float] = {}
     t0 = time.monotonic()
-    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with open(log_path, "w", buffering=1) as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                        text=True, env=_env(threads)) as proc:
         for line in proc.stdout:  # type: ignore[union-attr]
             log.write(line)
@@ -242,7 +243,8 @@ def bench_tta(overrides: list[str], out: Path, seeds: list[int], threads: int,
     cfg = compose([*overrides, f"data.prepared_dir={prepared}"])
     if official is not None and "official" in sides:
         official.check()
-    prepare(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+        prepare(cfg)
     report: dict[str, Any] = {"overrides": overrides, "seeds": seeds, "threads": threads,
                               "machine": {"cpu": cpu_info()["model"], "native_bf16": cpu_info()["native_bf16"],
                                           "loadavg_start": list(os.getloadavg())},
