@@ -43,8 +43,7 @@ class LoopbackCluster:
     def __init__(self, root: Path):
         from ray.cluster_utils import Cluster  # ray is optional and heavy: only for these tests
 
-        common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "temp_dir": str(root / "ray"),
-                  "include_log_monitor": False}
+        common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "temp_dir": str(root / "ray")}
         self.cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
                                head_node_args={**common, "resources": {"node_a": 1}, "include_dashboard": False})
         self.head = self.cluster.head_node
@@ -132,8 +131,14 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
 
 
 def listening_outside_loopback(pids: set[int]) -> list[tuple]:
+    """Listening sockets of ``pids`` and all their children (the trials' worker processes) not on loopback."""
     import psutil
 
+    for pid in list(pids):
+        try:
+            pids |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
     found = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
              if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert found, "no listening socket found for the cluster's processes"
@@ -188,6 +193,7 @@ def test_sweep_runs_on_both_nodes_and_a_killed_driver_resumes(cluster, tmp_path)
 
     table = read_table(out)
     assert len(table) == 3 and all(r["status"] == "finished" for r in table.values()), table
+    assert done_before <= {Path(r["trial_dir"]).name for r in table.values()}, (done_before, table.keys())
     names = cluster.names()
     ran_on = {}
     for row in table.values():
@@ -198,6 +204,9 @@ def test_sweep_runs_on_both_nodes_and_a_killed_driver_resumes(cluster, tmp_path)
         assert row["node_id"] == nodes[-1] and row["attempt_nodes"].split() == nodes, row
         assert row["node_ip"] == "127.0.0.1" and set(nodes) <= set(names), (nodes, names)
         ran_on[trial.name] = names[nodes[-1]]
+        # ... and the trial's output (forwarded to the driver) says it too
+        said = f"trial {row['trial_id']} attempt {record['attempts']} on node {nodes[-1]} (127.0.0.1"
+        assert said in (text if trial.name not in done_before else log1.read_text()), said
         # a trial finished before the kill was not run again, the others continued
         if trial.name in done_before:
             assert record["attempts"] == attempts_before[trial.name] == 1, record
