@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.config import compose, to_dict
+from pipeline.errors import UserError
 from pipeline.infer.export import DEPLOY_FILES
 from pipeline.infer.exporters.common import ExportError
 from pipeline.infer.exporters.mnn_export import to_mnn
@@ -184,7 +185,10 @@ def _bench_size(overrides: list[str], size: int, batch: int, iters: int, int8: b
     many = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     for name in RUNTIMES:
         if name in paths:
-            out["runtimes"][name] = _bench_runtime(paths[name], threads_list, one, many, iters)
+            try:
+                out["runtimes"][name] = _bench_runtime(paths[name], threads_list, one, many, iters)
+            except UserError as err:  # a runtime that cannot run this model: said in the report, the rest go on
+                out["skipped"][name] = str(err)
     if official is not None:
         ref = out["official_onnx"] = {}
         for threads in threads_list:

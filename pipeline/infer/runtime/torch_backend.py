@@ -30,10 +30,13 @@ class TorchDetector(Detector):
         self.strides = tuple(int(s) for s in self.model.strides)
         self.reg_max = int(self.model.reg_max)
         size = tuple(int(v) for v in (input_size or self.cfg.data.input_size))
-        if any(v % max(self.strides) for v in size):
+        # the backbone's stride-32 map must divide the input; extra levels (64, 128) use ceil like the official
+        # code (the 416 preset: 416 / 64 -> 7 x 7), as pipeline.config checks data.input_size
+        largest = min(max(self.strides), 32)
+        if any(v % largest for v in size):
             raise InferenceError(f"input size {list(size)} for {self.path} is not a multiple of the largest "
-                                 f"stride {max(self.strides)}; use e.g. "
-                                 f"{[max(1, round(v / max(self.strides))) * max(self.strides) for v in size]}")
+                                 f"backbone stride {largest}; use e.g. "
+                                 f"{[max(1, round(v / largest)) * largest for v in size]}")
         d = self.cfg.data
         self.preprocessing = Preprocessing(size, bool(d.keep_ratio), tuple(d.mean), tuple(d.std))
 
