@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "loader"],
                         help="train: synthetic batches, or the real training loader (needs prepared data)")
     parser.add_argument("--no-peak", action="store_true", help="train: skip the peak FLOP/s measurement")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="train: also profile STEPS more steps per operator (torch.profiler)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_tta"), help="tta: working folder")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="tta: train.seed of each run")
     parser.add_argument("--official", action="store_true", help="tta: also run the official tools/train.py")
@@ -110,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         result = bench_tta(list(args.set), args.out_dir, list(args.seeds), threads, official, sides)
     elif args.what == "train":
         result = bench_train(list(args.set), args.train_batches, max(1, args.iters), args.amp, args.channels_last,
-                             args.compile, args.data, args.device, with_peak=not args.no_peak)
+                             args.compile, args.data, args.device, with_peak=not args.no_peak,
+                             profile_steps=args.profile)
     else:
         result = {"machine": machine(threads), **bench_peak(args.device, max(1, args.iters))}
     text = json.dumps(result, indent=2)

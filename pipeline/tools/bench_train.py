@@ -29,6 +29,16 @@ from pipeline.train.optim import build_optimizer
 from pipeline.train.step import TrainForward, TrainStep
 
 PHASES = ("data", "forward", "assign", "loss", "backward", "optimizer")
+# torch.profiler op names -> what the time went to (first match wins; the rest is "other")
+OP_CATEGORIES = (
+    ("convolution", ("conv", "mkldnn_convolution", "cudnn_convolution")),
+    ("batch_norm", ("batch_norm",)),
+    ("group_norm", ("group_norm",)),
+    ("layout_copies", ("aten::copy_", "aten::contiguous", "aten::clone", "aten::to", "aten::_to_copy")),
+    ("optimizer_ema", ("adam", "_foreach_", "lerp")),
+    ("activation", ("leaky_relu", "sigmoid", "softmax", "relu")),
+    ("upsample_pool", ("upsample", "pool")),
+)
 
 
 def machine(threads: int) -> dict[str, Any]:
@@ -113,9 +123,10 @@ def _batches(cfg: Any, batch: int, source: str, gen: torch.Generator):
 
 def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, channels_last: bool,
                 compile_model: bool, data_source: str = "synthetic", device: str = "cpu",
-                with_peak: bool = True) -> dict[str, Any]:
+                with_peak: bool = True, profile_steps: int = 0) -> dict[str, Any]:
     """Per-phase milliseconds and images/s of training steps for each batch size (``iters`` timed steps
-    after one warm-up step, which also holds torch.compile's compilation)."""
+    after one warm-up step, which also holds torch.compile's compilation); with ``profile_steps`` > 0 also
+    a torch.profiler table of that many more steps (:func:`profile_ops`)."""
     dev = torch.device(device)
     sync = _sync(dev)
     amp_dtype = resolve_amp(amp, dev)
@@ -169,6 +180,12 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
             for key, seconds in zip(runs, times):
                 runs[key].append(seconds)
         out["steps"][str(batch)] = _summarise(runs, batch, flops["train_step_flops"])
+        if profile_steps > 0:
+            def one_step(step: TrainStep = step, data: Any = data) -> None:
+                step(next(data), 0)
+                step.apply(iters + 1)
+
+            out["steps"][str(batch)]["profile"] = profile_ops(one_step, profile_steps, dev)
         if compile_model:
             out["steps"][str(batch)]["compile_fell_back"] = bool(getattr(module, "failed", False))
     if with_peak:
@@ -178,6 +195,30 @@ def bench_train(overrides: list[str], batches: list[int], iters: int, amp: str, 
             step["fraction_of_conv3x3_peak"] = step["achieved_tflops"] / out["peak"][key]
     out["machine"]["loadavg_1_5_15_end"] = [round(v, 2) for v in os.getloadavg()]
     return out
+
+
+def profile_ops(run_step: Callable[[], Any], steps: int, device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Self time per operator over ``steps`` training steps (torch.profiler): the ``top`` operators and the
+    sums per :data:`OP_CATEGORIES`, in milliseconds per step (CPU self time; device time on CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(((e.key, getattr(e, attr) / 1e3 / steps, e.count // steps) for e in prof.key_averages()),
+                  key=lambda r: -r[1])
+    total = sum(ms for _, ms, _ in rows)
+    by_cat: dict[str, float] = {name: 0.0 for name, _ in OP_CATEGORIES}
+    by_cat["other"] = 0.0
+    for key, ms, _ in rows:
+        cat = next((name for name, pats in OP_CATEGORIES if any(p in key.lower() for p in pats)), "other")
+        by_cat[cat] += ms
+    return {"steps": steps, "time": attr, "total_ms_per_step": round(total, 1),
+            "by_category_ms": {k: round(v, 1) for k, v in by_cat.items()},
+            "top_ops": [{"op": k, "ms": round(ms, 1), "share": round(ms / max(total, 1e-9), 3), "calls": n}
+                        for k, ms, n in rows[:top]]}
 
 
 def _summarise(runs: dict[str, list[float]], batch: int, step_flops: float) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from pipeline.bench import main
 from pipeline.config import compose
 from pipeline.model import build_model
 from pipeline.model.summary import summarize
-from pipeline.tools.bench_train import PHASES
+from pipeline.tools.bench_train import PHASES, profile_ops
+from pipeline.train.optim import build_optimizer
 
 TINY = ["model=nanodet_plus_m_0.5x", "model.num_classes=3", "data.input_size=[64,64]",
         "model.aux_head.feat_channels=64"]
@@ -134,3 +135,34 @@ def test_bench_assign_covers_box_counts(capsys):
         assert row["same_assignment"], row  # the batched assigner agrees with the per-image reference
         assert (row["batch"], row["num_priors"], row["device"]) == (2, sum((64 // s) ** 2 for s in strides), "cpu")
         assert row["speedup"] == pytest.approx(row["loop_ms"] / max(row["batched_ms"], 1e-9), rel=1e-9)
+
+
+def test_bench_train_profile_splits_the_step_per_operator(capsys, tmp_path):
+    """--profile N: torch.profiler self time per operator, the top operators and the sums per category (which
+    together are the whole profiled time)."""
+    prof = _train(capsys, tmp_path, "--no-peak", "--profile", "2")["steps"]["2"]["profile"]
+    assert prof["steps"] == 2 and prof["time"] == "self_cpu_time_total"
+    cats = prof["by_category_ms"]
+    assert sum(cats.values()) == pytest.approx(prof["total_ms_per_step"], abs=0.1 * len(cats))
+    assert cats["convolution"] > 0 and cats["group_norm"] > 0 and cats["optimizer_ema"] > 0
+    ops = [row["op"] for row in prof["top_ops"]]
+    assert len(ops) == 15 and len(set(ops)) == 15
+    shares = [row["share"] for row in prof["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.001
+
+
+def test_profile_ops_sees_the_fused_adamw():
+    """The optimizer the training uses is the fused AdamW: one kernel over all tensors in the profile."""
+    cfg = compose([*TINY, "model.backbone.pretrained=null"])
+    model = build_model(cfg.model, with_aux=False)
+    opt = build_optimizer(model, cfg.train, 2)
+    x = torch.randn(2, 3, 64, 64)
+
+    def one_step() -> None:
+        opt.zero_grad()
+        model.backbone(x)[-1].mean().backward()
+        opt.step()
+
+    ops = {r["op"] for r in profile_ops(one_step, 1, torch.device("cpu"), top=10_000)["top_ops"]}
+    assert "aten::_fused_adamw_" in ops
+    assert not ops & {"aten::addcdiv_", "aten::_foreach_addcdiv_"}, "a per-tensor or foreach AdamW ran"
