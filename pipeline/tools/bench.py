@@ -76,16 +76,18 @@ class OfficialOnnx:
 
     def run(self, work: Path, size: int, threads: int, iters: int) -> dict[str, Any]:
         """nd_onnx.py: the official tools/export_onnx.py (legacy exporter, as written for) + onnxruntime timing."""
-        env = {**os.environ, "NANODET_SRC": str(self.src), "OMP_NUM_THREADS": str(threads)}
+        python, anchors = str(self.python.absolute()), self.anchors.resolve()  # the scripts run in ``work``
+        env = {**os.environ, "NANODET_SRC": str(self.src.resolve()), "OMP_NUM_THREADS": str(threads)}
         cfg = work / "official_coco80.yml"
-        if not cfg.is_file():
-            subprocess.run([str(self.python), str(self.anchors / "nd_make_config.py"), "--out", str(cfg)],
-                           env=env, cwd=work, check=True, capture_output=True, timeout=600)
         out = work / f"official_{size}_{threads}t.json"
-        subprocess.run([str(self.python), str(self.anchors / "nd_onnx.py"), "--config", str(cfg), "--workdir",
-                        str(work / f"official_{size}"), "--size", str(size), "--exporter", "legacy", "--threads",
-                        str(threads), "--runs", str(iters), "--warmup", "5", "--repeats", "3", "--json", str(out)],
-                       env=env, cwd=work, check=True, capture_output=True, timeout=1800)
+        steps = [] if cfg.is_file() else [[python, str(anchors / "nd_make_config.py"), "--out", str(cfg)]]
+        steps.append([python, str(anchors / "nd_onnx.py"), "--config", str(cfg), "--workdir", str(work / f"official_{size}"),
+                      "--size", str(size), "--exporter", "legacy", "--threads", str(threads), "--runs", str(iters),
+                      "--warmup", "5", "--repeats", "3", "--json", str(out)])
+        for cmd in steps:
+            res = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=1800, check=False)
+            if res.returncode != 0:
+                raise ValueError(f"{' '.join(cmd[:2])} failed (exit {res.returncode}): {res.stderr.strip()[-400:]}")
         res = json.loads(out.read_text())["exports"]["legacy"]
         return {"p50_ms": res["ort_latency"]["median_ms"], "min_ms": res["ort_latency"]["min_ms"],
                 "size_bytes": res["file_bytes"], "max_abs_diff_cls_prob": res["max_abs_diff_cls_prob"]}
