@@ -40,7 +40,12 @@ def _check_syntax(arg: str) -> None:
 
 
 def _check_group_option(group: str, value: str) -> None:
-    """``model=nope`` -> the options that exist in conf/<group>/."""
+    """``model=nope`` -> the options that exist in conf/<group>/. A list (``experiment=[raccoon,fast]``) selects
+    several options of one group, applied left to right: each must exist."""
+    if value.startswith("[") and value.endswith("]"):
+        for item in value[1:-1].split(","):
+            _check_group_option(group, item.strip())
+        return
     if value in ("", "null") or (CONF_DIR / group / f"{value}.yaml").is_file():
         return
     options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -30,6 +30,16 @@ def test_official_presets_match_spec():
     assert m15.model.aux_head.feat_channels == 256 and list(m15.data.input_size) == [416, 416]
 
 
+def test_fast_schedule_goes_after_a_data_preset():
+    """experiment=[<data preset>,fast]: the preset's model and data, fast's schedule (later options win)."""
+    raccoon, fast = compose(["experiment=raccoon"]), compose(["experiment=[raccoon,fast]"])
+    assert fast.model == raccoon.model and fast.data == raccoon.data
+    assert (fast.train.epochs, fast.train.lr, fast.train.lr_scale_batch, fast.train.warmup_steps,
+            fast.train.val_interval) == (12, 0.02, 16, 20, 1)
+    assert raccoon.train.epochs == 30  # the preset alone keeps its own schedule
+    assert compose(["experiment=[demo,fast]"]).model.num_classes == 5
+
+
 @pytest.mark.parametrize("model", ["nanodet_plus_m", "nanodet_plus_m_1.5x", "nanodet_plus_m_0.5x"])
 def test_every_model_preset_composes(model):
     assert compose([f"model={model}"]).model.head.reg_max == 7

@@ -25,6 +25,8 @@ CLI_CASES = [
     ("null for a required float", ["train.lr=null"], "'train.lr'"),
     ("unknown choice", ["train.amp=fp8"], "train.amp: 'fp8' is not one of"),
     ("unknown config-group option", ["model=nope"], "Unknown option 'nope' for config group 'model'"),
+    ("unknown option in a list of options", ["experiment=[raccoon,nope]"],
+     "Unknown option 'nope' for config group 'experiment'"),
     ("override syntax error", ["data.input_size=[64,"], "cannot parse the override"),
     ("strides not matching the neck levels", ["model.head.strides=[8,16,64]"], "model.head.strides"),
     ("reg_max 0", ["model.head.reg_max=0"], "model.head.reg_max: must be >= 1"),
