@@ -13,37 +13,76 @@ from pipeline.model import build_model
 from pipeline.model.summary import summarize
 from pipeline.tools import bench as bench_tools
 
-OVERRIDES = ["model=nanodet_plus_m_0.5x", "data.input_size=[64,64]", "model.head.strides=[8,16,32,64]"]
-BACKENDS = ("torch_eager", "onnxruntime_fp32", "onnxruntime_int8")
+OVERRIDES = ["model=nanodet_plus_m_0.5x", "model.head.strides=[8,16,32,64]"]
+RUNTIMES = ("torch_eager", "onnxruntime", "onnxruntime_int8", "openvino", "openvino_int8", "ncnn", "mnn")
+
+# A stand-in for the official reference venv's python: it answers nd_make_config.py and nd_onnx.py the way
+# pipeline.tools.bench.OfficialOnnx reads them, with an onnxruntime median of 2 ms (the ratios are checked).
+FAKE_PYTHON = """#!/bin/sh
+out=""; json=""
+while [ $# -gt 0 ]; do case "$1" in --out) out="$2";; --json) json="$2";; esac; shift; done
+[ -n "$out" ] && echo "fake: true" > "$out"
+[ -n "$json" ] && echo '{"exports": {"legacy": {"ort_latency": {"median_ms": 2.0, "min_ms": 1.5},
+  "file_bytes": 1000, "max_abs_diff_cls_prob": 0.0}}}' > "$json"
+exit 0
+"""
 
 
-def test_bench_infer_prints_json(capsys, tmp_path):
+def _fake_official(tmp_path):
+    python = tmp_path / "ref" / "python"
+    (tmp_path / "ref" / "src" / "nanodet").mkdir(parents=True)
+    (tmp_path / "ref" / "anchors").mkdir()
+    (tmp_path / "ref" / "anchors" / "nd_onnx.py").write_text("")
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return ["--official-python", str(python), "--nanodet-src", str(tmp_path / "ref" / "src"),
+            "--anchors", str(tmp_path / "ref" / "anchors")]
+
+
+def test_bench_infer_prints_json_for_every_runtime(capsys, tmp_path):
+    """One run at 64 px, 1 thread, batch 2: every runtime's entry, the ratios to the (stand-in) official
+    model, the markdown table; what Python prints to stdout is exactly the JSON (NNCF progress bars go to stderr)."""
     out = tmp_path / "bench.json"
-    code = main(["infer", "--set", *OVERRIDES, "--iters", "3", "--batch", "2", "--threads", "1", "--out", str(out)])
+    code = main(["infer", "--set", *OVERRIDES, "--sizes", "64", "--infer-threads", "1", "--iters", "3", "--batch",
+                 "2", "--out", str(out), *_fake_official(tmp_path)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads(out.read_text())
-    assert result["machine"]["threads"] == 1 and result["batch_throughput"] == 2
-    for backend in BACKENDS:
-        stats = result[backend]["batch1"]
-        assert stats["iters"] == 3 and 0 < stats["p50_ms"] <= stats["p90_ms"], (backend, stats)
-        assert result[backend]["throughput_images_per_s"] > 0, backend
-    # the speed-ups are ratios of the same report's batch-1 medians
-    base = result["torch_eager"]["batch1"]["p50_ms"]
-    assert result["speedup_vs_eager_batch1"] == pytest.approx(
-        {k: base / result[k]["batch1"]["p50_ms"] for k in ("onnxruntime_fp32", "onnxruntime_int8")}, rel=1e-9)
-
-    # parameters and FLOPs are the model's own
-    cfg = compose(OVERRIDES)
+    assert out.with_suffix(".md").read_text() == result["markdown"] + "\n"
+    assert result["threads"] == [1] and result["batch_throughput"] == 2 and result["official_onnx"]["available"]
+    size = result["sizes"]["64"]
+    assert size["skipped"] == {} and list(size["runtimes"]) == list(RUNTIMES)
+    for name, entry in size["runtimes"].items():
+        stats = entry["batch1"]["1"]
+        assert stats["iters"] == 3 and 0 < stats["p50_ms"] <= stats["p90_ms"], (name, stats)
+        assert entry["throughput_images_per_s"] > 0 and entry["load_s"] > 0 and entry["size_bytes"] > 0, name
+        assert entry["ratio_vs_official_onnx"] == {"1": pytest.approx(stats["p50_ms"] / 2.0, rel=1e-12)}, name
+        assert f"| 64 | {name} | 1 | {stats['p50_ms']:.2f} |" in result["markdown"], name
+    assert size["official_onnx"]["1"]["p50_ms"] == 2.0
+    # the goal names the fastest fp32 / INT8 runtime (eager excluded) and its ratio
+    fp32 = {k: v["batch1"]["1"]["p50_ms"] for k, v in size["runtimes"].items() if "int8" not in k and k != "torch_eager"}
+    assert result["goal"]["fp32"]["fastest"] == min(fp32, key=fp32.get)
+    assert result["goal"]["fp32"]["ratio_vs_official_onnx"] == pytest.approx(min(fp32.values()) / 2.0, rel=1e-12)
+    assert result["goal"]["int8"]["fastest"] in ("onnxruntime_int8", "openvino_int8")
+    # parameters and FLOPs are the model's own; the INT8 ONNX file is smaller than the fp32 one
+    cfg = compose([*OVERRIDES, "data.input_size=[64,64]"])
     model = build_model(cfg.model, with_aux=False)
-    params = sum(p.numel() for p in model.parameters())
-    assert result["model"]["params_inference"] == params
-    assert result["model"]["flops_inference"] == summarize(model, (64, 64))["flops_inference"]
-    assert result["input_size"] == [64, 64] and result["model"]["num_priors"] == 64 + 16 + 4 + 1
-    # the fp32 ONNX file holds every weight as 4 bytes; the INT8 one is smaller than the fp32 one
-    fp32, int8 = result["onnxruntime_fp32"]["size_bytes"], result["onnxruntime_int8"]["size_bytes"]
-    assert fp32 >= 4 * result["model"]["params_inference_conv"], (fp32, result["model"])
-    assert int8 < fp32, (int8, fp32)
+    assert size["model"]["params_inference"] == sum(p.numel() for p in model.parameters())
+    assert size["model"]["flops_inference"] == summarize(model, (64, 64))["flops_inference"]
+    assert size["model"]["num_priors"] == 64 + 16 + 4 + 1
+    assert size["runtimes"]["onnxruntime_int8"]["size_bytes"] < size["runtimes"]["onnxruntime"]["size_bytes"]
+    assert size["runtimes"]["onnxruntime"]["size_bytes"] >= 4 * size["model"]["params_inference_conv"]
+
+
+def test_bench_infer_says_when_the_official_model_is_not_set_up(capsys, tmp_path):
+    code = main(["infer", "--set", *OVERRIDES, "--sizes", "64", "--infer-threads", "1", "--iters", "1", "--batch",
+                 "1", "--no-int8", "--official-python", str(tmp_path / "nowhere" / "python")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["official_onnx"] == {"available": False, "why_not": "--official-python: "
+                                       f"{tmp_path / 'nowhere' / 'python'} does not exist (set-up: ../shared/anchors/README.md)"}
+    assert "official_onnx" not in result["sizes"]["64"] and result["goal"]["fp32"]["met"] is None
+    assert "onnxruntime_int8" not in result["sizes"]["64"]["runtimes"]
 
 
 def test_latency_stats_and_throughput_arithmetic(monkeypatch):
