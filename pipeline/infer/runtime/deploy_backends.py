@@ -40,7 +40,8 @@ def stdout_to_stderr() -> Iterator[None]:
     saved = os.dup(1)
     try:
         os.dup2(2, 1)
-        yield
+        with contextlib.redirect_stdout(sys.stderr):  # Python-level writers too (NNCF's progress bars)
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
