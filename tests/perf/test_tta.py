@@ -53,6 +53,7 @@ OFFICIAL_YML = {
 # logs like the official trainer: a Train and a Val line per epoch, then the metrics dict
 FAKE_TRAIN = textwrap.dedent('''
     import datetime, json, sys, time, yaml
+    import nanodet  # as the real tools/train.py: found only with the checkout on the path
     cfg_path, seed = sys.argv[1], int(sys.argv[sys.argv.index("--seed") + 1])
     cfg = yaml.safe_load(open(cfg_path))
     json.dump({"cfg": cfg, "seed": seed}, open(cfg_path + ".seen.json", "w"))
@@ -82,8 +83,9 @@ def fake_nanodet(tmp_path_factory) -> Path:
 
 
 def _tta(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = subprocess_env(PYTHONPATH=str(REPO))  # no empty entry: that would put the working folder on the path
     return subprocess.run([PYTHON, "-m", "pipeline.bench", "tta", "--set", *TINY, "--out-dir", str(out), *args],
-                          check=False, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -126,6 +128,14 @@ def test_tta_runs_both_sides_on_the_same_data_and_recipe(tmp_path, fake_nanodet)
     assert summary["official"]["final_mAP"] == [0.23] and summary["target_mAP"] == 0.23
     assert summary["final_mAP_gap"] == pytest.approx(ours["rows"][-1]["mAP"] - 0.23, abs=1e-4)
     assert (out / "tta.png").stat().st_size > 1000
+
+    # the same command again reuses the finished runs (a long comparison survives one side failing)
+    seen_file = out / "official_seed3" / "official.yml.seen.json"
+    before = seen_file.stat().st_mtime_ns
+    again = _tta(out, "--seeds", "3", "--official", "--official-python", PYTHON, "--nanodet-src", str(fake_nanodet),
+                 "--anchors", str(anchors))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["runs"] == report["runs"] and seen_file.stat().st_mtime_ns == before
 
 
 def test_official_layout_links_the_same_images_and_keeps_the_boxes(tmp_path):
