@@ -190,7 +190,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------ eval
 @dataclass
 class EvalConfig:
-    checkpoint: str = "runs/train/best.pt"  # .pt or .onnx
+    checkpoint: str = "runs/train/best.pt"  # .pt, .onnx, or an exported .xml (OpenVINO) / .param (NCNN) / .mnn
     out_dir: str = "runs/evaluate"
     score_thr: float = 0.05
     iou_thr: float = 0.6
@@ -227,7 +227,7 @@ class ExportConfig:
 @dataclass
 class PredictConfig:
     source: str | None = None  # an image, a folder of images or a video file
-    checkpoint: str | None = None  # .pt or .onnx; None -> eval.checkpoint
+    checkpoint: str | None = None  # as eval.checkpoint; None -> eval.checkpoint
     out_dir: str = "runs/predict"
     score_thr: float | None = None  # None -> eval.score_thr
     save_images: bool = True

@@ -246,7 +246,7 @@ def write_prediction_grid(coco, json_dir: Path, per_dets: list[dict], per_gts: l
 
 
 def evaluate_model(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (default ``eval.checkpoint``; .pt or .onnx) and write ``eval.out_dir``."""
+    """Evaluate ``checkpoint`` (default ``eval.checkpoint``; .pt, .onnx or an exported .xml / .param / .mnn) and write ``eval.out_dir``."""
     device = dist.select_device(cfg.train.device)
     dist.init_distributed(device, cfg.train.dist_timeout_s)
     path = Path(checkpoint or cfg.eval.checkpoint)
