@@ -105,21 +105,19 @@ def read_csv_rows(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def wandb_history(run_file: Path) -> dict[int, dict]:
-    """The history rows of an offline W&B run file (``run-<id>.wandb``): {step: {key: value}}.
+def wandb_records(run_file: Path) -> list:
+    """Every ``wandb_internal_pb2.Record`` of an offline W&B run file (``run-<id>.wandb``), in order.
 
     The file is a LevelDB-style log (wandb's own format: a 7-byte ``:W&B`` header, then 32 KiB blocks of
     records with a 7-byte header - CRC, length, type FULL/FIRST/MIDDLE/LAST - never straddling a block end)
-    whose payloads are ``wandb_internal_pb2.Record`` messages; history items hold JSON values under ``key``
-    or ``nested_key``. Rows logged for the same step are merged."""
-    import json
+    whose payloads are ``Record`` messages (wandb 0.31 ships no reader)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
     data = Path(run_file).read_bytes()
     assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
-    block, pos, parts, rows = 32768, 7, [], {}
+    block, pos, parts, records = 32768, 7, [], []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
@@ -133,10 +131,21 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(parts))
             parts = []
-            if record.WhichOneof("record_type") == "history":
-                row = rows.setdefault(int(record.history.step.num), {})
-                for item in record.history.item:
-                    row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            records.append(record)
+    return records
+
+
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """The history rows of an offline W&B run file: {step: {key: value}}; history items hold JSON values
+    under ``key`` or ``nested_key``. Rows logged for the same step are merged."""
+    import json
+
+    rows: dict[int, dict] = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            row = rows.setdefault(int(record.history.step.num), {})
+            for item in record.history.item:
+                row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return rows
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from testkit import wandb_records
 
 from pipeline.tune.trial import INJECT_ENV
 
@@ -73,33 +74,6 @@ def trial_record(trial_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def wandb_records(run_file: Path) -> list[Any]:
-    """Every ``wandb_internal_pb2.Record`` of an offline W&B run file (``run-<id>.wandb``).
-
-    The file is a LevelDB-style log: a 7-byte ``:W&B`` header, then 32 KiB blocks of records with a 7-byte
-    header (CRC, length, type FULL/FIRST/MIDDLE/LAST) that never straddle a block end."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(run_file).read_bytes()
-    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
-    block, pos, parts, records = 32768, 7, [], []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        parts.append(data[pos + 7:pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: one record complete
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            records.append(record)
-    return records
 
 
 def wandb_run_info(run_file: Path) -> dict[str, Any]:
