@@ -2,6 +2,7 @@
 step equal those of one process on the same global batch (float32, NCHW). See ddp_step.py for the step."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def test_two_rank_gradients_and_loss_terms_equal_single_process_by_magnitude(tin
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["world"] == 2 and ddp["max_rank_difference"] == 0.0  # DDP left the same gradients on both ranks
 
+    summary = compare_with_single(single, ddp, "2 ranks")
+    print(json.dumps(summary))
+
+
+def compare_with_single(single: dict, ddp: dict, who: str) -> dict:
+    """Assert that a 2-rank step (``ddp``, from ddp_step.py or a Ray Train worker) is the single-process step on
+    the same global batch: the precondition that the ranks' own normalisers differ, every logged loss term, and
+    every parameter gradient by relative error (each tensor, and all of them together). Returns the numbers."""
     # precondition: the ranks' own normalisers differ, so only the cross-rank mean gives the single-process loss
     pos = [t["num_pos"] for t in ddp["local"]]
     assert min(pos) >= 2 and max(pos) >= 2 * min(pos), pos
@@ -96,7 +105,7 @@ def test_two_rank_gradients_and_loss_terms_equal_single_process_by_magnitude(tin
     # every loss term as logged (cross-rank mean of the ranks' terms) equals the single-process term
     for term in (*LOSS_TERMS, "loss"):
         s, d = single["logged"][term], ddp["logged"][term]
-        assert s > 0 and abs(d - s) <= TERM_TOL * s, f"{term}: 2 ranks {d} vs 1 process {s} ({d / s:.4f}x)"
+        assert s > 0 and abs(d - s) <= TERM_TOL * s, f"{term}: {who} {d} vs 1 process {s} ({d / s:.4f}x)"
 
     # every parameter gradient by relative error, and all of them together
     names = list(single["grads"])
@@ -109,5 +118,6 @@ def test_two_rank_gradients_and_loss_terms_equal_single_process_by_magnitude(tin
     assert overall <= GRAD_OVERALL_TOL, f"gradients: relative error {overall:.3g} (norm ratio {ratio:.4f})"
     worst_rel = _rel(ddp["grads"][worst], single["grads"][worst])
     assert worst_rel <= GRAD_TENSOR_TOL, f"{worst}: relative error {worst_rel:.3g}"
-    print(f"overall {overall:.3g}, worst tensor {worst} {worst_rel:.3g}, "
-          f"terms {max(abs(ddp['logged'][t] / single['logged'][t] - 1) for t in LOSS_TERMS):.3g}, pos {pos}")
+    return {"loss": [single["logged"]["loss"], ddp["logged"]["loss"]], "grad_rel_error": overall,
+            "worst_tensor": [worst, worst_rel], "num_pos": pos,
+            "worst_term_ratio": max(abs(ddp["logged"][t] / single["logged"][t] - 1) for t in LOSS_TERMS)}

@@ -24,16 +24,7 @@ from testkit import REPO, TINY_MODEL, subprocess_env
 TRAIN_TESTS = REPO / "tests" / "train"
 sys.path.insert(0, str(TRAIN_TESTS))  # the step and the comparison of the torchrun test, reused as they are
 from ddp_step import run_step
-from test_ddp_gradients import (
-    GRAD_OVERALL_TOL,
-    GRAD_TENSOR_TOL,
-    TERM_TOL,
-    _batch,
-    _init_weights,
-    _rel,
-)
-
-from pipeline.model.criterion import LOSS_KEYS as LOSS_TERMS
+from test_ddp_gradients import _batch, _init_weights, compare_with_single
 
 # Ray starts, then the trial's TorchTrainer with 2 workers runs ddp_step.run_step on each: rank 0 saves ddp.pt.
 RAY_SCRIPT = textwrap.dedent("""
@@ -86,21 +77,4 @@ def test_two_worker_trial_step_equals_one_process_on_the_same_global_batch(tmp_p
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["world"] == 2 and ddp["max_rank_difference"] == 0.0  # DDP left the same gradients on both ranks
 
-    # precondition: the workers' own normalisers differ, so only the cross-rank mean gives one process's loss
-    pos = [t["num_pos"] for t in ddp["local"]]
-    assert min(pos) >= 2 and max(pos) >= 2 * min(pos), pos
-    assert sum(pos) == single["local"][0]["num_pos"], (pos, single["local"])
-    for term in (*LOSS_TERMS, "loss"):
-        s, d = single["logged"][term], ddp["logged"][term]
-        assert s > 0 and abs(d - s) <= TERM_TOL * s, f"{term}: 2 Ray workers {d} vs 1 process {s} ({d / s:.4f}x)"
-    names = list(single["grads"])
-    assert names == list(ddp["grads"])
-    flat_s = torch.cat([single["grads"][n].flatten() for n in names])
-    flat_d = torch.cat([ddp["grads"][n].flatten() for n in names])
-    overall = _rel(flat_d, flat_s)
-    assert overall <= GRAD_OVERALL_TOL, f"gradients: relative error {overall:.3g}"
-    worst = max(names, key=lambda n: _rel(ddp["grads"][n], single["grads"][n]))
-    worst_rel = _rel(ddp["grads"][worst], single["grads"][worst])
-    assert worst_rel <= GRAD_TENSOR_TOL, f"{worst}: relative error {worst_rel:.3g}"
-    print(json.dumps({"loss": [single["logged"]["loss"], ddp["logged"]["loss"]], "grad_rel_error": overall,
-                      "worst_tensor": [worst, worst_rel], "num_pos": pos}))
+    print(json.dumps(compare_with_single(single, ddp, "2 Ray workers")))
