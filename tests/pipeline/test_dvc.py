@@ -74,8 +74,10 @@ def _output_hashes(repo: Path, stages=STAGES) -> dict[str, str]:
     for stage in stages:
         for rel in _declared(repo)[stage]:
             path = repo / rel
+            assert path.exists(), f"output {rel} of stage {stage} is missing"
+            # a folder may be empty (runs/export/deploy holds only the deploy formats asked for)
             files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-            assert files and all(f.is_file() for f in files), f"output {rel} of stage {stage} is missing"
+            assert all(f.is_file() for f in files), f"output {rel} of stage {stage} is not a file"
             hashes.update({str(f.relative_to(repo)): hashlib.md5(f.read_bytes()).hexdigest() for f in files})
     return hashes
 
