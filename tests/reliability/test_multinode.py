@@ -152,7 +152,10 @@ def test_killed_worker_without_restarts_stops_both_agents_with_a_clear_message(w
     print(f"both agents exited after {time.monotonic() - t0:.1f} s (train.dist_timeout_s={DIST_TIMEOUT_S})")
     for code, output in results:
         assert code != 0, output[-4000:]
-        assert "pipeline.train FAILED" in output, output[-4000:]  # torchrun's failure report on each agent
+        # torchrun's failure report on each agent - unless the agent that hosted the rendezvous store exited
+        # first: the other agent's rendezvous shutdown then raises before its report (torchrun's own race)
+        assert "pipeline.train FAILED" in output or "RendezvousConnectionError" in output, output[-4000:]
+    assert any("pipeline.train FAILED" in out for _, out in results), "no agent reported the failed job"
     both = "".join(out for _, out in results)
     assert "failed (exitcode: -9)" in both  # the killed worker
     assert "rank 0: a collective operation with the other ranks failed" in both  # the survivor: one clear line
